@@ -1,0 +1,97 @@
+"""ForwardBatch: the per-step metadata every attention layer reads (built once per step)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """One forward pass over a flat list of T new tokens from B sequences.
+
+    Sequences come in two groups, extends first, then decodes: an *extend* sequence feeds
+    ``q_len > 1`` new tokens (a prefill chunk, possibly after a cached prefix); a *decode*
+    sequence feeds exactly one. New token ``j`` of sequence ``i`` sits at position
+    ``seq_lens[i] - q_lens[i] + j`` and attends to every earlier token of the sequence — cached
+    prefix, earlier chunks and itself — through the sequence's block table.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: the KV slot each new token is written to
+    q_lens: torch.Tensor  # [B] int32 (cpu): new tokens per sequence
+    seq_lens: torch.Tensor  # [B] int32 (cpu): tokens in the cache after this step (prefix + new)
+    cu_q_lens: torch.Tensor  # [B + 1] int32 (cpu): offsets of each sequence's tokens in the flat list
+    block_tables: torch.Tensor  # [B, max_blocks] int32 on device, padded with 0
+    num_extends: int  # sequences [0, num_extends) are extends; the rest decode
+    logits_indices: torch.Tensor  # [S] int64: rows of the flat list whose logits are needed
+    block_size: int
+    # device copies the GPU kernels read; the torch backend uses the cpu ones
+    seq_lens_device: Optional[torch.Tensor] = None
+    q_lens_device: Optional[torch.Tensor] = None
+    cu_q_lens_device: Optional[torch.Tensor] = None
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.q_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_extend_tokens(self) -> int:
+        return int(self.cu_q_lens[self.num_extends])
+
+    @classmethod
+    def build(cls, token_ids: list[list[int]], prefix_lens: list[int], block_tables: list[list[int]],
+              sample: list[bool], block_size: int, device: torch.device) -> "ForwardBatch":
+        """Lay out a step: sequence ``i`` feeds ``token_ids[i]`` after ``prefix_lens[i]`` tokens
+        already in its blocks. Callers order extends (more than one token) before decodes.
+        ``sample[i]`` says whether sequence ``i`` needs logits for its last token."""
+        q_lens = [len(t) for t in token_ids]
+        num_extends = sum(1 for n in q_lens if n > 1)
+        if any(n > 1 for n in q_lens[num_extends:]):
+            raise ValueError("extend sequences must come before decode sequences")
+        flat_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        for ids, start, table, wants_logits in zip(token_ids, prefix_lens, block_tables, sample):
+            flat_ids.extend(ids)
+            for pos in range(start, start + len(ids)):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            if wants_logits:
+                logits_indices.append(len(flat_ids) - 1)
+        seq_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
+        width = max((len(t) for t in block_tables), default=1) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+
+        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.int32)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        on_cpu = torch.device(device).type == "cpu"
+        return cls(
+            input_ids=on_device(flat_ids, torch.int64),
+            positions=on_device(positions, torch.int64),
+            slot_mapping=on_device(slots, torch.int64),
+            q_lens=q_lens_t,
+            seq_lens=seq_lens_t,
+            cu_q_lens=cu_t,
+            block_tables=on_device(padded, torch.int32).view(len(padded), width),
+            num_extends=num_extends,
+            logits_indices=on_device(logits_indices, torch.int64),
+            block_size=block_size,
+            seq_lens_device=seq_lens_t if on_cpu else seq_lens_t.to(device, non_blocking=True),
+            q_lens_device=q_lens_t if on_cpu else q_lens_t.to(device, non_blocking=True),
+            cu_q_lens_device=cu_t if on_cpu else cu_t.to(device, non_blocking=True),
+        )

@@ -1,0 +1,91 @@
+"""Paged attention in plain torch: runs anywhere, and is the reference the Triton kernels match."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from miniyaie.attention.backend import AttentionBackend, register_backend
+from miniyaie.attention.batch import ForwardBatch
+
+
+@dataclass
+class _ExtendPlan:
+    start: int  # first row of this sequence in the flat token list
+    end: int
+    slots: torch.Tensor  # [L] every slot of the sequence, in position order
+    mask: torch.Tensor  # [q_len, L] True where a new token may attend
+
+
+@dataclass
+class _DecodePlan:
+    start: int  # first decode row in the flat token list
+    slots: torch.Tensor  # [B, L_max] padded slot indices
+    mask: torch.Tensor  # [B, 1, 1, L_max]
+
+
+def _sequence_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    offsets = torch.arange(block_size, device=block_table.device)
+    return (block_table[:, None].long() * block_size + offsets).flatten()[:length]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Gathers each sequence's K/V from its blocks and calls SDPA: one call per extend sequence
+    (queries attend causally, offset by the cached prefix) and one batched call for all decodes
+    (padded to the longest sequence, masked)."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._extends: list[_ExtendPlan] = []
+        self._decode: _DecodePlan | None = None
+
+    def plan(self, batch: ForwardBatch) -> None:
+        device = batch.block_tables.device
+        bs = batch.block_size
+        seq_lens = batch.seq_lens.tolist()
+        q_lens = batch.q_lens.tolist()
+        cu = batch.cu_q_lens.tolist()
+        self._extends = []
+        for i in range(batch.num_extends):
+            length, q_len = seq_lens[i], q_lens[i]
+            slots = _sequence_slots(batch.block_tables[i], length, bs)
+            key_pos = torch.arange(length, device=device)
+            query_pos = torch.arange(length - q_len, length, device=device)
+            self._extends.append(_ExtendPlan(cu[i], cu[i + 1], slots, key_pos[None, :] <= query_pos[:, None]))
+        self._decode = None
+        if batch.num_extends < batch.num_seqs:
+            tables = batch.block_tables[batch.num_extends:].long()
+            lens = batch.seq_lens[batch.num_extends:].to(device)
+            width = (int(lens.max()) + bs - 1) // bs
+            offsets = torch.arange(bs, device=device)
+            slots = (tables[:, :width, None] * bs + offsets).flatten(1)
+            mask = torch.arange(slots.shape[1], device=device)[None, :] < lens[:, None].long()
+            # padding points at slot 0: harmless to read, masked out of the softmax
+            slots = torch.where(mask, slots, torch.zeros_like(slots))
+            self._decode = _DecodePlan(cu[batch.num_extends], slots, mask[:, None, None, :])
+
+    def forward(self, q, k, v, k_cache, v_cache, scale, batch):
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        for p in self._extends:
+            qs = q[p.start:p.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            ks = k_cache[p.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+            vs = v_cache[p.slots].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale,
+                                               enable_gqa=True)
+            out[p.start:p.end] = o[0].transpose(0, 1)
+        if self._decode is not None:
+            d = self._decode
+            qs = q[d.start:].unsqueeze(2)  # [B, H, 1, D]
+            ks = k_cache[d.slots].transpose(1, 2)  # [B, KVH, L, D]
+            vs = v_cache[d.slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, scale=scale,
+                                               enable_gqa=True)
+            out[d.start:] = o.squeeze(2)
+        return out
+
+
+register_backend("torch", TorchAttentionBackend)

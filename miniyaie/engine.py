@@ -1,0 +1,336 @@
+"""The Engine: requests in, tokens out, one step at a time (schedule → run the model → sample)."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from miniyaie.attention import ForwardBatch
+from miniyaie.config import EngineConfig
+from miniyaie.detokenizer import IncrementalDetokenizer
+from miniyaie.loader import load_model
+from miniyaie.model_runner import ModelRunner
+from miniyaie.request import (GenerationOutput, Prompt, Request, RequestOutput, RequestStatus,
+                              SamplingParams, TokenChoice)
+from miniyaie.sampling import SamplingBatch, SamplingKernel
+from miniyaie.scheduler import Scheduler, SchedulerOutput
+from miniyaie.telemetry import EngineSnapshot, Telemetry
+
+TOP_ALTERNATIVES = 5  # distribution entries kept per token for the demo, even without logprobs
+
+
+class Engine:
+    """Owns the model runner (network + KV pool), the scheduler (queues + radix tree) and the
+    sampling kernel, and drives them one step at a time. Not thread-safe: one thread calls it
+    (see ``EngineThread`` for serving many clients).
+
+    A step schedules a batch (decodes and prefill chunks together), runs one forward pass,
+    samples a token for every request that reached its last position, detokenizes, checks stop
+    conditions and retires finished requests into the prefix cache.
+    """
+
+    def __init__(self, config: Optional[EngineConfig] = None, *, loaded=None) -> None:
+        self.config = config or EngineConfig()
+        loaded = loaded or load_model(self.config.model, self.config.load_format, self.config.cache_dir)
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(self.config, loaded.hf_config, loaded.weights)
+        self.vocab_size = self.runner.args.vocab_size
+        self.max_model_len = min(self.config.max_model_len or self.runner.args.max_position_embeddings,
+                                 self.runner.args.max_position_embeddings)
+        self.eos_token_ids = _eos_ids(loaded.hf_config, self.tokenizer)
+        self.scheduler = Scheduler(self.config, self.runner.kv)
+        self.sampler = SamplingKernel(self.config.seed, self.runner.device)
+        self.requests: dict[str, Request] = {}
+        self.telemetry = Telemetry(self)
+        self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []  # aborts reported at the next step
+        self.num_forward_tokens = 0  # every token fed to the network: proves prefix hits skip compute
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a prompt (text, token ids or chat messages). Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        params.validate()
+        token_ids = self.tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens; the context holds {self.max_model_len} "
+                             f"(prompt + max_tokens). Shorten the prompt.")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={params.max_tokens} does not fit: the prompt takes {len(token_ids)} "
+                             f"of {self.max_model_len} context tokens, leaving {self.max_model_len - len(token_ids)}")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
+        index = next(self._ids)
+        request_id = request_id or f"req-{index}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, index)
+        if params.seed is not None:
+            request.generator = self.sampler.make_generator(params.seed)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self.telemetry.on_add(request)
+        return request_id
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            _check_text(prompt, "prompt")
+            ids = self._require_tokenizer().encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError("each chat message needs a string 'role' and 'content'")
+                _check_text(m["content"], "message content")
+            tok = self._require_tokenizer()
+            text = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        else:
+            raise ValueError("prompt must be a string, a list of token ids or a list of chat messages")
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        return ids
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks go back at once. False if it is not active."""
+        request = self.requests.get(request_id)
+        if request is None or request.status == RequestStatus.FINISHED:
+            return False
+        self.scheduler.remove(request)
+        self._pending.append(self._retire(request, "abort"))
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return outputs
+        try:
+            sampled = self._run(plan)
+        except Exception as err:  # a failed forward pass fails its batch, not the engine
+            outputs += self._fail(plan, err)
+            return outputs
+        for item in plan.scheduled:
+            request = item.request
+            if request.metrics.first_scheduled is None:
+                request.metrics.first_scheduled = started
+                self.telemetry.on_admit(request)
+            request.num_computed_tokens += item.num_new_tokens
+            if request.num_computed_tokens <= request.num_prompt_tokens:
+                self.scheduler.cache_prefill(request)
+        for request, choice in sampled:
+            outputs.append(self._append(request, choice))
+        self.telemetry.on_step(plan, len(sampled), time.perf_counter() - started)
+        return outputs
+
+    def _run(self, plan: SchedulerOutput) -> list[tuple[Request, TokenChoice]]:
+        batch = ForwardBatch.build(
+            [s.request.all_token_ids[s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]
+             for s in plan.scheduled],
+            [s.request.num_computed_tokens for s in plan.scheduled],
+            [s.request.block_table for s in plan.scheduled],
+            [s.samples for s in plan.scheduled],
+            self.runner.kv.block_size, self.runner.device)
+        self.num_forward_tokens += batch.num_tokens
+        logits = self.runner.forward(batch)
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        if not sampling:
+            return []
+        out = self.sampler(logits, SamplingBatch.build(
+            [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
+            [r.output_token_ids for r in sampling], [r.generator for r in sampling],
+            self.vocab_size, self.runner.device, TOP_ALTERNATIVES))
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids, top_probs = out.top_ids.tolist(), out.top_probs.tolist()
+        return [(r, TokenChoice(t, self._token_text(t), lp,
+                                [(i, self._token_text(i), p) for i, p in zip(ids, probs)]))
+                for r, t, lp, ids, probs in zip(sampling, token_ids, logprobs, top_ids, top_probs)]
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _append(self, request: Request, choice: TokenChoice) -> RequestOutput:
+        """Add a sampled token; detokenize; decide whether the request is done."""
+        now = time.perf_counter()
+        if request.metrics.first_token is None:
+            request.metrics.first_token = now
+        params = request.params
+        token = choice.token_id
+        request.output_token_ids.append(token)
+        request.choices.append(choice)
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"  # the stop token itself is not shown as text
+        elif request.detokenizer is not None:
+            request.detokenizer.add(token)
+            cut = _find_stop(request.detokenizer.text, params.stop, request.emitted_chars)
+            if cut is not None:
+                request.detokenizer.text = request.detokenizer.text[:cut]
+                reason = "stop"
+        if reason is None and (len(request.output_token_ids) >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(request)
+            return self._retire(request, reason)
+        return self._delta(request, [choice], finished=False)
+
+    def _delta(self, request: Request, choices: list[TokenChoice], finished: bool) -> RequestOutput:
+        text = request.detokenizer.text if request.detokenizer is not None else ""
+        # while a stop string could still be completing, hold back the text that might be its start
+        end = len(text) if finished else len(text) - _partial_stop(text, request.params.stop)
+        delta = text[request.emitted_chars:end]
+        request.emitted_chars = max(request.emitted_chars, end)
+        return RequestOutput(request.request_id, delta, [c.token_id for c in choices], choices,
+                             finished, request.finish_reason, request.error)
+
+    def _retire(self, request: Request, reason: str, error: Optional[str] = None) -> RequestOutput:
+        request.finish_reason = reason
+        request.error = error
+        request.metrics.finished = time.perf_counter()
+        self.telemetry.on_finish(request)
+        return self._delta(request, request.choices[-1:] if reason != "abort" and request.choices else [], True)
+
+    def _fail(self, plan: SchedulerOutput, err: Exception) -> list[RequestOutput]:
+        message = f"engine step failed: {type(err).__name__}: {err}"
+        outputs = []
+        for item in plan.scheduled:
+            self.scheduler.remove(item.request)
+            outputs.append(self._retire(item.request, "error", message))
+        self.telemetry.on_error(message)
+        return outputs
+
+    # ---- convenience -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt] | Prompt, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[GenerationOutput]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.finished:
+                    pending.discard(out.request_id)
+        return [self.result(i) for i in ids]
+
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Generate one prompt, yielding text as it comes (drives the engine itself)."""
+        request_id = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(request_id)  # the consumer stopped early: free its blocks
+
+    def result(self, request_id: str) -> GenerationOutput:
+        """The finished request (and forget it)."""
+        r = self.requests.pop(request_id)
+        return GenerationOutput(r.request_id, r.prompt_token_ids, r.output_token_ids,
+                                r.detokenizer.text if r.detokenizer else "", r.finish_reason,
+                                r.num_cached_tokens, r.choices, r.metrics, r.error)
+
+    def forget_finished(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            r = self.requests.get(rid)
+            if r is not None and r.status == RequestStatus.FINISHED:
+                del self.requests[rid]
+
+    def clear_cache(self) -> int:
+        """Drop every unlocked prefix from the radix tree; returns the blocks freed."""
+        freed = self.scheduler.clear_cache()
+        self.telemetry.touch()
+        return freed
+
+    def set_options(self, enable_prefix_cache: Optional[bool] = None, schedule_policy: Optional[str] = None) -> None:
+        """Switch prefix caching or the scheduling policy while running (the demo's controls)."""
+        if schedule_policy is not None:
+            if schedule_policy not in ("lpm", "fcfs"):
+                raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
+            self.config.schedule_policy = schedule_policy
+        if enable_prefix_cache is not None:
+            self.config.enable_prefix_cache = bool(enable_prefix_cache)
+            if not enable_prefix_cache:
+                self.clear_cache()
+        self.telemetry.touch()
+
+    def snapshot(self) -> EngineSnapshot:
+        return self.telemetry.snapshot()
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any block, reference count or lock is inconsistent."""
+        self.scheduler.check_integrity()
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry later (HTTP 429)."""
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid UTF-8 text (position {err.start}): {err.reason}") from None
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> Optional[int]:
+    """Index where the earliest stop string starts in text not yet final, or None."""
+    if not stops:
+        return None
+    window_start = max(0, emitted - max(len(s) for s in stops))
+    hits = [i for i in (text.find(s, window_start) for s in stops) if i != -1]
+    return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is the beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def _eos_ids(hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

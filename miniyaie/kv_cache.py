@@ -1,0 +1,88 @@
+"""KVCacheManager: the paged KV pool and its blocks' reference counts."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """Raised when an allocation asks for more blocks than are free."""
+
+
+class KVCacheManager:
+    """Owns the KV pool — one K and one V tensor per layer, ``[num_slots, kv_heads, head_dim]``,
+    where ``num_slots = num_blocks * block_size`` — and each block's reference count.
+
+    A *slot* holds one token's K/V; a *block* is ``block_size`` consecutive slots, the unit of
+    allocation and of prefix sharing. Block ``b`` covers slots ``b*block_size .. (b+1)*block_size-1``.
+
+    Invariants: a block is free iff its reference count is 0; the free list holds each free block
+    exactly once; every holder (a running request, the radix tree) holds exactly one reference.
+    Allocate and free are O(blocks moved).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.ref_counts = [0] * num_blocks
+        # FIFO reuse keeps recently freed blocks (whose contents may still be useful to look at in
+        # the demo) around a little longer and spreads use over the pool.
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                        dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks, each with reference count 1 (held by the caller)."""
+        if n > len(self._free):
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self.ref_counts[b] = 1
+        return blocks
+
+    def incref(self, blocks: list[int]) -> None:
+        """Add a holder to blocks that are already held (sharing a cached prefix)."""
+        for b in blocks:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"incref of free block {b}")
+            self.ref_counts[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one holder from each block; blocks nobody holds go back to the free list."""
+        for b in blocks:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"release of free block {b}: double free")
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self._free.append(b)
+
+    def check_integrity(self) -> None:
+        free = list(self._free)
+        if len(set(free)) != len(free):
+            raise AssertionError("a block is on the free list twice")
+        free_set = set(free)
+        for b in range(self.num_blocks):
+            if self.ref_counts[b] < 0:
+                raise AssertionError(f"block {b} has negative reference count")
+            if (self.ref_counts[b] == 0) != (b in free_set):
+                raise AssertionError(
+                    f"block {b}: ref count {self.ref_counts[b]} but "
+                    f"{'on' if b in free_set else 'not on'} the free list")

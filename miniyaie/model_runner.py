@@ -1,0 +1,80 @@
+"""ModelRunner: the network, the KV pool and the attention backend, on one device."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from miniyaie.attention import ForwardBatch, create_backend
+from miniyaie.attention.layer import AttentionContext
+from miniyaie.config import EngineConfig
+from miniyaie.kv_cache import KVCacheManager
+from miniyaie.model import LlamaFamilyModel, ModelArgs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    """Runs one forward pass per engine step: plans the attention backend for the step's layout,
+    then runs the network, which writes new K/V into the pool and returns the logits to sample.
+
+    Owns the model weights, the KVCacheManager (pool + block reference counts) and the backend.
+    """
+
+    def __init__(self, config: EngineConfig, hf_config, weights: dict[str, torch.Tensor] | None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.args = ModelArgs.from_hf_config(hf_config)
+        with torch.device("meta"):
+            model = LlamaFamilyModel(self.args)
+        # materialise on the target device in the target dtype, then fill
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.rope = model.rope.__class__(self.args).to(self.device)  # buffers are fp32 tables, not weights
+        if weights is None:
+            model.init_dummy_weights(config.seed)
+        else:
+            model.load_hf_weights(weights)
+        if self.args.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        self.model = model.eval()
+        self.backend = create_backend(config.attention_backend, self.device)
+        self.kv = KVCacheManager(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
+                                 self._num_blocks(), config.block_size, self.dtype, self.device)
+
+    def _num_blocks(self) -> int:
+        if self.config.num_blocks is not None:
+            return self.config.num_blocks
+        per_block = KVCacheManager.bytes_per_block(self.args.num_layers, self.args.num_kv_heads,
+                                                   self.args.head_dim, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.memory_fraction
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(available * self.config.memory_fraction, self.config.max_kv_memory_gb * 2**30)
+        # never more blocks than it takes to hold max_num_seqs full-length contexts
+        ceiling = self.config.max_num_seqs * (self.args.max_position_embeddings // self.config.block_size + 1)
+        return max(2, min(int(budget // per_block), ceiling))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        self.backend.plan(batch)
+        ctx = AttentionContext(batch, self.backend, self.kv.k_pool, self.kv.v_pool)
+        return self.model(ctx)
