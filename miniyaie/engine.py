@@ -209,7 +209,8 @@ class Engine:
         delta = text[request.emitted_chars:end]
         request.emitted_chars = max(request.emitted_chars, end)
         return RequestOutput(request.request_id, delta, [c.token_id for c in choices], choices,
-                             finished, request.finish_reason, request.error)
+                             finished, request.finish_reason, request.error,
+                             request.num_prompt_tokens, request.num_cached_tokens)
 
     def _retire(self, request: Request, reason: str, error: Optional[str] = None) -> RequestOutput:
         request.finish_reason = reason

@@ -99,6 +99,8 @@ class RequestOutput:
     finished: bool
     finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error"
     error: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the radix cache
 
 
 @dataclass

@@ -87,7 +87,7 @@ class SamplingBatch:
             presence_penalties=f32([p.presence_penalty for p in params]),
             frequency_penalties=f32([p.frequency_penalty for p in params]),
             generators=list(generators),
-            # Rows without penalties contribute no tokens, so the [B, V] count tensor stays cheap.
+            # Rows without penalties carry no tokens, so the kernel's penalty pass skips them.
             prompt_token_ids=[list(t) if u else [] for t, u in zip(prompt_token_ids, uses_penalty)],
             output_token_ids=[list(t) if u else [] for t, u in zip(output_token_ids, uses_penalty)],
             greedy=greedy,
@@ -118,9 +118,10 @@ class SamplingKernel:
 
     Invariants: a row with its own generator consumes exactly one uniform from it per sampled step
     and nothing from anyone else's, so seeded output is independent of batch composition; greedy
-    rows consume no randomness. Cost per step: O(B*V) elementwise work, plus one ``[B, V]`` sort
-    only when some row uses top-k or top-p, plus a Python loop over rows (not vocab) to draw the
-    uniforms. Runs on whatever device the logits live on.
+    rows consume no randomness. Cost per step: a few O(B*V) elementwise passes; a sort only of the
+    rows using top-k/top-p (a partial ``topk`` when all of them have a top-k); penalties touch only
+    the seen tokens; a Python loop over rows (not vocab) draws the uniforms. Runs on whatever
+    device the logits live on; use :meth:`make_generator` (host generators) for seeded requests.
     """
 
     def __init__(self, seed: int = 0, device: Union[str, torch.device] = "cpu") -> None:
