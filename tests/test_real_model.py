@@ -1,0 +1,39 @@
+"""The embedded SmolLM2-135M-Instruct through the whole engine (slow: loads the real model)."""
+from __future__ import annotations
+
+import pytest
+
+from miniyaie import Engine, EngineConfig, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return Engine(EngineConfig(model="embedded", device="cpu", dtype="float32", num_blocks=256))
+
+
+def test_capital_of_france(smollm2, all_threads):
+    out = smollm2.generate([[{"role": "user", "content": "What is the capital of France?"}]],
+                           SamplingParams(max_tokens=32, temperature=0.0))[0]
+    print(f"\n{out.text!r} ({out.finish_reason})")
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
+    smollm2.check_integrity()
+
+
+def test_batched_greedy_equals_alone(smollm2, all_threads):
+    """Real weights (sharper distributions than random ones): the same chat prompts alone and
+    batched together with a shared system prompt give the same greedy tokens."""
+    system = {"role": "system", "content": "You are a concise assistant. Answer in one sentence."}
+    questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?"]
+    prompts = [[system, {"role": "user", "content": q}] for q in questions]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    alone = [smollm2.generate([p], params)[0].token_ids for p in prompts]
+    smollm2.clear_cache()
+    together = smollm2.generate(prompts, params)
+    assert [o.token_ids for o in together] == alone
+    assert sum(o.cached_tokens for o in together) > 0
+    smollm2.check_integrity()
+    smollm2.clear_cache()
+    assert smollm2.runner.kv.num_free_blocks == smollm2.runner.kv.num_blocks

@@ -1,0 +1,225 @@
+"""The Triton backend and CUDA graphs against the torch backend (and transformers), on CUDA.
+
+Skipped without CUDA. ``TRITON_INTERPRET=1`` runs the kernel tests on the CPU through Triton's
+interpreter (slow, small shapes only) for development on machines without a GPU.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)")]
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a real GPU")
+
+
+def _backends():
+    from miniyaie.attention.torch_backend import TorchAttentionBackend
+    from miniyaie.attention.triton_backend import TritonAttentionBackend
+    return TorchAttentionBackend(), TritonAttentionBackend()
+
+
+def _random_step(rng: random.Random, specs, block_size: int, num_blocks: int, kv_heads: int,
+                 group: int, head_dim: int, dtype: torch.dtype):
+    """specs: (prefix_len, q_len) per sequence, extends first. Blocks are drawn at random
+    (shuffled, so tables are not contiguous); the pool is filled with random values."""
+    from miniyaie.attention import ForwardBatch
+
+    blocks = list(range(1, num_blocks))  # block 0 stays unused: padding points there
+    rng.shuffle(blocks)
+    tables, token_ids, prefix_lens = [], [], []
+    for prefix, q_len in specs:
+        need = -(-(prefix + q_len) // block_size)
+        tables.append([blocks.pop() for _ in range(need)])
+        token_ids.append([0] * q_len)
+        prefix_lens.append(prefix)
+    batch = ForwardBatch.build(token_ids, prefix_lens, tables, [True] * len(specs), block_size, DEVICE)
+    slots = num_blocks * block_size
+    gen = torch.Generator(device=DEVICE).manual_seed(rng.randrange(1 << 30))
+    k_cache = torch.randn(slots, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    v_cache = torch.randn(slots, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    t = batch.num_tokens
+    q = torch.randn(t, kv_heads * group, head_dim, generator=gen, device=DEVICE).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    return batch, q, k, v, k_cache, v_cache
+
+
+def _compare(batch, q, k, v, k_cache, v_cache, dtype, max_seq_len=None):
+    torch_be, triton_be = _backends()
+    scale = q.shape[-1] ** -0.5
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    torch_be.plan(batch)
+    ref = torch_be.forward(q.float(), k.float(), v.float(), kc_ref.float(), vc_ref.float(), scale, batch) \
+        if dtype != torch.float32 else torch_be.forward(q, k, v, kc_ref, vc_ref, scale, batch)
+    # the reference computes in fp32 from the same (rounded) inputs
+    if dtype != torch.float32:
+        kc_ref.index_copy_(0, batch.slot_mapping, k)
+        vc_ref.index_copy_(0, batch.slot_mapping, v)
+    triton_be.plan(batch, max_seq_len=max_seq_len)
+    out = triton_be.forward(q, k, v, k_cache, v_cache, scale, batch)
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), "KV store differs"
+    assert torch.isfinite(out).all()
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    assert err < limit, f"relative error {err:.2e} >= {limit:.0e}"
+    return err
+
+
+def _specs(rng, num_extends, num_decodes, max_prefix, max_q, block_size):
+    specs = []
+    for _ in range(num_extends):
+        prefix = rng.choice([0, rng.randrange(0, max_prefix + 1), block_size * rng.randrange(0, 4)])
+        specs.append((prefix, rng.randrange(2, max_q + 1)))
+    for _ in range(num_decodes):
+        specs.append((rng.randrange(0, max_prefix + 1), 1))
+    return specs
+
+
+SMALL = INTERPRET and not HAS_CUDA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["extend", "decode", "mixed"])
+def test_kernels_match_torch(dtype, block_size, group, kind):
+    if SMALL and (dtype == torch.bfloat16 or group in (2, 8) or block_size == 32):
+        pytest.skip("interpreter: a few cases only")
+    rng = random.Random(hash((str(dtype), block_size, group, kind)) & 0xFFFF)
+    head_dim = 64 if SMALL else 128
+    kv_heads = 2
+    max_prefix, max_q = (40, 20) if SMALL else (1500, 300)
+    rounds = 1 if SMALL else 3
+    for _ in range(rounds):
+        n_ext = {"extend": 3, "decode": 0, "mixed": 2}[kind] if SMALL else {"extend": 7, "decode": 0, "mixed": 5}[kind]
+        n_dec = {"extend": 0, "decode": 4, "mixed": 3}[kind] if SMALL else {"extend": 0, "decode": 37, "mixed": 19}[kind]
+        specs = _specs(rng, n_ext, n_dec, max_prefix, max_q, block_size)
+        blocks_needed = sum(-(-(p + n) // block_size) for p, n in specs) + 2
+        step = _random_step(rng, specs, block_size, blocks_needed + 5, kv_heads, group, head_dim, dtype)
+        _compare(*step, dtype)
+
+
+@pytest.mark.parametrize("num_splits_hint", [None, 40000])
+def test_decode_split_k_long_contexts(num_splits_hint):
+    """Few long sequences: the split-K path (and its reduce) against one-split results."""
+    rng = random.Random(7)
+    dtype = torch.float32
+    lengths = [5, 16, 17, 31, 33] if SMALL else [1, 15, 16, 17, 1000, 4095, 4096, 7777]
+    bs = 16
+    specs = [(n - 1, 1) for n in lengths]
+    blocks = sum(-(-n // bs) for n in lengths) + 3
+    step = _random_step(rng, specs, bs, blocks, 2, 4, 64, dtype)
+    _compare(*step, dtype, max_seq_len=num_splits_hint)
+
+
+def test_split_heuristic():
+    from miniyaie.attention.triton_backend import num_decode_splits
+    assert num_decode_splits(256, 8, 2048, 132) == 1
+    assert num_decode_splits(1, 8, 40960, 132) == 16
+    assert num_decode_splits(1, 8, 100, 132) == 1
+    for b in (1, 3, 64, 300):
+        s = num_decode_splits(b, 4, 5000, 132)
+        assert s & (s - 1) == 0 and 1 <= s <= 16
+
+
+# ---- engine level (real GPU only) ----------------------------------------------------------------
+
+def _tiny_llama(tmp_path, **overrides):
+    from transformers import LlamaConfig
+    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+    cfg.update(overrides)
+    config = LlamaConfig(**cfg)
+    config.architectures = ["LlamaForCausalLM"]
+    path = tmp_path / "tiny"
+    path.mkdir(exist_ok=True)
+    config.save_pretrained(path)
+    return str(path), config
+
+
+def _prompts(n, vocab, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randrange(1, 200))] for _ in range(n)]
+
+
+@needs_cuda
+def test_engine_triton_graphs_equal_torch_backend_fp32(tmp_path):
+    from miniyaie import Engine, EngineConfig, SamplingParams
+    path, _ = _tiny_llama(tmp_path)
+    prompts = _prompts(24, 512)
+    # a shared prefix (prefix-cache hits ending mid-block) and a repeated prompt
+    prompts += [prompts[0][:37] + [5, 6, 7], prompts[0][:37] + [9], prompts[3]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend, graphs in (("torch", False), ("triton", True), ("triton", False)):
+        engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="float32",
+                                     attention_backend=backend, cuda_graphs=graphs, num_blocks=600,
+                                     max_num_seqs=16, max_num_batched_tokens=256, seed=3))
+        if graphs:
+            assert engine.runner.graphs is not None
+        outs = engine.generate(prompts, params)
+        results[(backend, graphs)] = [o.token_ids for o in outs]
+        if graphs:
+            assert engine.runner.graphs.num_replays > 0
+        engine.clear_cache()
+        engine.check_integrity()
+        del engine
+    ref = results[("torch", False)]
+    for key, got in results.items():
+        mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+        assert not mismatches, f"{key}: prompts {mismatches} differ from the torch backend"
+
+
+@needs_cuda
+def test_bf16_logits_close_to_transformers(tmp_path):
+    """Our bf16 network (Triton attention) against transformers' bf16 model on the same weights."""
+    from transformers import AutoModelForCausalLM
+    from miniyaie import Engine, EngineConfig
+    from miniyaie.attention import ForwardBatch
+    from miniyaie.loader import LoadedModel
+
+    path, config = _tiny_llama(tmp_path)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).cuda().eval()
+    weights = {k: v for k, v in hf.state_dict().items()}
+    engine = Engine(EngineConfig(model=path, device="cuda", dtype="bfloat16", attention_backend="triton",
+                                 num_blocks=64, cuda_graphs=False),
+                    loaded=LoadedModel("tiny", config, None, weights, path))
+    ids = _prompts(1, 512, seed=5)[0][:150] + [1, 2, 3]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+    kv = engine.runner.kv
+    table = kv.allocate(-(-len(ids) // kv.block_size))
+    batch = ForwardBatch.build([ids], [0], [table], [True], kv.block_size, engine.runner.device)
+    batch.logits_indices = torch.arange(len(ids), device="cuda")
+    ours = engine.runner.forward(batch)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"bf16 logits relative error {err:.3e}"
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree > 0.9, f"argmax agrees on only {agree:.0%} of positions"
+
+
+@needs_cuda
+def test_graph_replay_matches_eager_bf16(tmp_path):
+    """Decode steps through CUDA graphs give the same logits as the same steps run eagerly."""
+    from miniyaie import Engine, EngineConfig, SamplingParams
+    path, _ = _tiny_llama(tmp_path)
+    prompts = _prompts(13, 512, seed=9)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for graphs in (False, True):
+        engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="bfloat16",
+                                     attention_backend="triton", cuda_graphs=graphs, num_blocks=400, seed=1))
+        outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
+        del engine
+    assert outs[False] == outs[True]
