@@ -311,6 +311,68 @@ def bench_breakdown(loaded) -> None:
     free(engine)
 
 
+def bench_profile(loaded, out_dir: str) -> None:
+    """cProfile of 30 decode steps at batch 256 with CUDA graphs: where the engine's CPU time goes."""
+    import cProfile
+    import io
+    import pstats
+    rng = random.Random(2)
+    prompts = [[rng.randint(0, 10000) for _ in range(1000)] for _ in range(256)]
+    engine = new_engine(loaded)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    for _ in range(30):  # prefill (16 steps of 16k tokens) and a few decodes
+        engine.step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(30):
+        engine.step()
+    prof.disable()
+    RESULTS["profile"] = dict(step_ms=(time.perf_counter() - start) / 30 * 1e3)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+        f.write(text.getvalue())
+    log(f"profile: {RESULTS['profile']} (profile.txt)")
+    free(engine)
+
+
+def bench_kernels() -> None:
+    """Decode attention alone at batch 256 x ~1,050 tokens (Qwen3-0.6B heads): configs vs bandwidth."""
+    import triton.testing
+    from miniyaie.attention.triton_kernels import decode_attention
+    batch, ctx, heads, kv_heads, dim, page = 256, 1050, 16, 8, 128, 16
+    blocks = batch * (ctx // page + 1)
+    k_cache = torch.randn(blocks * page, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(blocks, device="cuda", dtype=torch.int64).to(torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    nbytes = 2 * batch * ctx * kv_heads * dim * 2
+    res = {}
+    for splits in (1, 2, 4):
+        mid_o = torch.empty(batch, heads, splits, dim, device="cuda", dtype=torch.float32)
+        mid_lse = torch.empty(batch, heads, splits, device="cuda", dtype=torch.float32)
+        for block_n in (32, 64, 128):
+            for warps, stages in ((4, 2), (4, 3), (8, 2)):
+                def fn():
+                    decode_attention(q, k_cache, v_cache, tables, seq_lens, out, 0.088, page, splits,
+                                     mid_o, mid_lse, block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    res[f"s{splits}_n{block_n}_w{warps}_st{stages}"] = dict(ms=ms, tb_s=nbytes / ms / 1e9)
+                except Exception as err:  # noqa: BLE001
+                    res[f"s{splits}_n{block_n}_w{warps}_st{stages}"] = dict(error=repr(err)[:100])
+    best = min((v["ms"], k) for k, v in res.items() if "ms" in v)
+    log(f"kernels: best {best}, KV bytes {nbytes / 1e9:.1f} GB")
+    RESULTS["kernels"] = dict(best=best, all=res, kv_gb=nbytes / 1e9)
+
+
 def markdown() -> str:
     lines = []
     t = RESULTS.get("throughput")
@@ -367,6 +429,8 @@ def main(argv=None) -> None:
         for name, fn in (("throughput", lambda: bench_throughput(loaded)),
                          ("shared_prefix", lambda: bench_shared_prefix(loaded)),
                          ("breakdown", lambda: bench_breakdown(loaded)),
+                         ("profile", lambda: bench_profile(loaded, args.out)),
+                         ("kernels", bench_kernels),
                          ("peers", lambda: bench_peers(hf, args.peer_requests, args.static_batches))):
             if name not in only:
                 continue

@@ -129,12 +129,28 @@ def _strip(argv: list[str], flag: str, takes_value: bool) -> list[str]:
     return out
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--host, --port, --api-key, --served-model-name (app.py may share them)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--api-key", default=os.environ.get("MINIYAIE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIYAIE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model id the API reports and accepts")
+    return parser
+
+
 def cmd_serve(args: argparse.Namespace, rest: list[str], raw: list[str]) -> int:
-    if args.api_key:  # create_api reads it from the environment, whoever builds the app
+    # create_api reads these from the environment when its caller passes none, so they work
+    # however app.py parses its own flags; they are not forwarded as flags
+    if args.api_key:
         os.environ["MINIYAIE_API_KEY"] = args.api_key
+    if args.served_model_name:
+        os.environ["MINIYAIE_SERVED_MODEL_NAME"] = args.served_model_name
     app_main = None if args.api_only else _load_app()
     if app_main is not None:
-        return int(app_main(_strip(_strip(raw, "--api-only", False), "--api-key", True)) or 0)
+        forward = _strip(_strip(_strip(raw, "--api-only", False), "--api-key", True), "--served-model-name", True)
+        return int(app_main(forward) or 0)
     if rest:
         _say(f"unknown arguments: {' '.join(rest)}")
         return 2
@@ -283,12 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the Gradio demo and the OpenAI-compatible API (/v1) on one "
                                        "port via app.py; with --api-only (or without app.py) just the API. "
                                        "Unknown flags are passed on to app.py.")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--api-key", default=os.environ.get("MINIYAIE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIYAIE_API_KEY)")
-    serve.add_argument("--served-model-name", default=None, help="model id the API reports and accepts")
     serve.add_argument("--api-only", action="store_true", help="no demo: serve the API with uvicorn")
+    add_server_args(serve)
     add_engine_args(serve)
 
     gen = sub.add_parser("generate", help="stream one completion to the terminal",

@@ -13,6 +13,7 @@ still running are aborted so their KV blocks go back at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import re
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
@@ -35,6 +37,7 @@ from miniyaie.engine_thread import EngineThread, RequestHandle
 from miniyaie.request import RequestOutput, SamplingParams, TokenChoice
 
 API_KEY_ENV = "MINIYAIE_API_KEY"
+MODEL_NAME_ENV = "MINIYAIE_SERVED_MODEL_NAME"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI-style servers clip to this
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -70,6 +73,8 @@ def _validation_error(err: RequestValidationError) -> APIError:
     first = err.errors()[0] if err.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     where = ".".join(loc)
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
     return APIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
                     f"invalid request body: {first.get('msg', '')}", param=loc[0] if loc else None)
 
@@ -314,15 +319,17 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     """Build the OpenAI-compatible app over a running EngineThread.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on ``/v1`` (``None`` reads
-    ``$MINIYAIE_API_KEY``; ``""`` turns auth off). ``model_name``: the served model id (default:
-    the engine's model name); the engine's ``config.model`` is accepted as an alias. Limits:
+    ``$MINIYAIE_API_KEY``; ``""`` turns auth off). ``model_name``: the served model id (``None``
+    reads ``$MINIYAIE_SERVED_MODEL_NAME``, else the engine's model name); the engine's
+    ``config.model`` is accepted as an alias. The environment fallbacks let ``python -m miniyaie
+    serve`` configure the API however app.py builds it. Limits:
     ``default_max_tokens`` when a request sets none (clipped to the context left),
     ``max_choices`` engine requests per HTTP request (prompts × n).
     """
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     engine = engine_thread.engine
-    served = model_name or engine.model_name
+    served = model_name or os.environ.get(MODEL_NAME_ENV) or engine.model_name
     aliases = {served, engine.model_name, engine.config.model,
                os.path.basename(str(engine.config.model).rstrip("/"))}
     stats = ServerStats()
@@ -341,6 +348,12 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         return await _api_error(request, _validation_error(err))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the error in the usual shape
+        return await _api_error(request, APIError(500, f"internal error: {type(err).__name__}: {err}",
+                                                  type="server_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -394,6 +407,10 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
                 token_lists = engine_thread.call(lambda e: [e.tokenize(p) for p in prompts])
             except ValueError as err:
                 raise _bad_value(err, param_name) from None
+            except Exception as err:
+                if type(err).__module__.startswith("jinja2"):  # the chat template refused the messages
+                    raise APIError(400, f"chat template: {err}", param=param_name) from None
+                raise
             for ids in token_lists:
                 if len(ids) >= engine.max_model_len:
                     raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens, "
@@ -402,10 +419,10 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
             handles: list[RequestHandle] = []
             try:
                 for ids in token_lists:
-                    for sp in params:
-                        if max_tokens is None:
-                            sp.max_tokens = max(1, min(default_max_tokens, engine.max_model_len - len(ids)))
-                        handles.append(engine_thread.submit(list(ids), sp, loop=loop))
+                    room = {} if max_tokens is not None else {
+                        "max_tokens": max(1, min(default_max_tokens, engine.max_model_len - len(ids)))}
+                    for sp in params:  # a copy each: the engine keeps the object it was given
+                        handles.append(engine_thread.submit(list(ids), dataclasses.replace(sp, **room), loop=loop))
             except BaseException as err:
                 for h in handles:  # all or nothing: a refused choice takes its siblings with it
                     engine_thread.abort(h.request_id)
@@ -465,6 +482,19 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
             for t in tasks:
                 t.cancel()
 
+    async def finish(job: _Job, request: Request) -> bool:
+        """Wait for every choice of a non-streaming job; False if the client left first."""
+        try:
+            async with aclosing(outputs(job, request)) as events:
+                async for _, out in events:
+                    if out.finish_reason == "error":
+                        raise engine_error(out)
+        except _ClientGone:
+            return False
+        finally:
+            abort_unfinished(job)
+        return True
+
     def engine_error(out: RequestOutput) -> APIError:
         return APIError(500, out.error or "the engine failed this request", type="server_error",
                         code="engine_error")
@@ -485,6 +515,8 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
         top = 0
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20] (got {body.top_logprobs})", param="top_logprobs")
         if body.logprobs:
             top = body.top_logprobs or 0
         elif body.top_logprobs:
@@ -494,14 +526,8 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return _AbortOnExit(chat_stream(job, body, request, rid, now), lambda: abort_unfinished(job))
-        try:
-            async for _, out in outputs(job, request):
-                if out.finish_reason == "error":
-                    raise engine_error(out)
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            abort_unfinished(job)
+        if not await finish(job, request):
+            return Response(status_code=499)  # nobody is listening any more
         choices = [{"index": i, "message": {"role": "assistant", "content": h.text},
                     "logprobs": {"content": [_chat_logprob(c, top) for c in h.choices]} if body.logprobs else None,
                     "finish_reason": h.finish_reason} for i, h in enumerate(job.handles)]
@@ -521,17 +547,18 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         try:
-            async for i, out in outputs(job, request):
-                if out.finish_reason == "error":
-                    yield _sse_error(out)
-                    break
-                logprobs = ({"content": [_chat_logprob(c, top) for c in out.new_choices]}
-                            if body.logprobs and out.new_choices else None)
-                if out.delta_text or logprobs:
-                    yield chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": logprobs,
-                                  "finish_reason": None}])
-                if out.finished:
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+            async with aclosing(outputs(job, request)) as events:
+                async for i, out in events:
+                    if out.finish_reason == "error":
+                        yield _sse_error(out)
+                        break
+                    logprobs = ({"content": [_chat_logprob(c, top) for c in out.new_choices]}
+                                if body.logprobs and out.new_choices else None)
+                    if out.delta_text or logprobs:
+                        yield chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": logprobs,
+                                      "finish_reason": None}])
+                    if out.finished:
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
         except _ClientGone:
             return
         if body.include_usage:
@@ -553,14 +580,8 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         if body.stream:
             return _AbortOnExit(completion_stream(job, body, request, rid, now, want_logprobs),
                                 lambda: abort_unfinished(job))
-        try:
-            async for _, out in outputs(job, request):
-                if out.finish_reason == "error":
-                    raise engine_error(out)
-        except _ClientGone:
-            return Response(status_code=499)
-        finally:
-            abort_unfinished(job)
+        if not await finish(job, request):
+            return Response(status_code=499)  # nobody is listening any more
         choices = [{"index": i, "text": h.text,
                     "logprobs": _completion_logprobs(h.choices, body.logprobs or 0, 0) if want_logprobs else None,
                     "finish_reason": h.finish_reason} for i, h in enumerate(job.handles)]
@@ -578,17 +599,18 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
 
         offsets = [0] * len(job.handles)  # text_offset continues across chunks
         try:
-            async for i, out in outputs(job, request):
-                if out.finish_reason == "error":
-                    yield _sse_error(out)
-                    break
-                logprobs = None
-                if want_logprobs and out.new_choices:
-                    logprobs = _completion_logprobs(out.new_choices, body.logprobs or 0, offsets[i])
-                    offsets[i] += sum(len(c.text) for c in out.new_choices)
-                if out.delta_text or logprobs or out.finished:
-                    yield chunk([{"index": i, "text": out.delta_text, "logprobs": logprobs,
-                                  "finish_reason": out.finish_reason if out.finished else None}])
+            async with aclosing(outputs(job, request)) as events:
+                async for i, out in events:
+                    if out.finish_reason == "error":
+                        yield _sse_error(out)
+                        break
+                    logprobs = None
+                    if want_logprobs and out.new_choices:
+                        logprobs = _completion_logprobs(out.new_choices, body.logprobs or 0, offsets[i])
+                        offsets[i] += sum(len(c.text) for c in out.new_choices)
+                    if out.delta_text or logprobs or out.finished:
+                        yield chunk([{"index": i, "text": out.delta_text, "logprobs": logprobs,
+                                      "finish_reason": out.finish_reason if out.finished else None}])
         except _ClientGone:
             return
         if body.include_usage:

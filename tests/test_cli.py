@@ -98,6 +98,19 @@ def test_chat_repl_keeps_the_conversation(tiny_model_dir, monkeypatch, capsys):
     assert " 0 prompt tokens cached" not in stats[1]  # turn two reuses turn one from the prefix cache
 
 
+def test_serve_hands_flags_to_app_main(monkeypatch):
+    seen = {}
+    monkeypatch.delenv("MINIYAIE_API_KEY", raising=False)  # restored (unset) after the test
+    monkeypatch.delenv("MINIYAIE_SERVED_MODEL_NAME", raising=False)
+    monkeypatch.setattr(cli, "_load_app", lambda: lambda argv: seen.update(argv=argv))
+    rc = cli.main(["serve", "--port", "9", "--api-key", "s3cret", "--served-model-name", "tiny",
+                   "--model", "m", "--share"])
+    assert rc == 0
+    assert seen["argv"] == ["--port", "9", "--model", "m", "--share"]  # app.py's own flags pass through
+    assert os.environ["MINIYAIE_API_KEY"] == "s3cret"  # create_api picks these up from the environment
+    assert os.environ["MINIYAIE_SERVED_MODEL_NAME"] == "tiny"
+
+
 def test_bench_missing_suite(capsys):
     assert cli.main(["bench", "--suite", "no_such_bench"]) == 2
     assert "no_such_bench.py is not there" in capsys.readouterr().err
@@ -119,3 +132,39 @@ def test_embedded_model_knows_paris():
              "--max-tokens", "24", timeout=600)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+@pytest.mark.slow  # a fresh interpreter + uvicorn start-up
+def test_serve_api_only(tiny_model_dir):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-m", "miniyaie", "serve", "--api-only", "--port", str(port),
+                             "--api-key", "k", "--model", tiny_model_dir("llama"), "--device", "cpu",
+                             "--num-blocks", "64"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},
+                       json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

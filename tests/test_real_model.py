@@ -25,7 +25,9 @@ def test_capital_of_france(smollm2, all_threads):
 def test_batched_greedy_equals_alone(smollm2, all_threads):
     """Real weights (sharper distributions than random ones): the same chat prompts alone and
     batched together with a shared system prompt give the same greedy tokens."""
-    system = {"role": "system", "content": "You are a concise assistant. Answer in one sentence."}
+    system = {"role": "system", "content": "You are a concise, friendly assistant for a geography and "
+              "general-knowledge quiz. Answer every question in one short sentence, without lists, "
+              "without repeating the question, and without any extra commentary."}
     questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?"]
     prompts = [[system, {"role": "user", "content": q}] for q in questions]
     params = SamplingParams(max_tokens=16, temperature=0.0)

@@ -211,15 +211,27 @@ def test_bf16_logits_close_to_transformers(tmp_path):
 
 @needs_cuda
 def test_graph_replay_matches_eager_bf16(tmp_path):
-    """Decode steps through CUDA graphs give the same logits as the same steps run eagerly."""
-    from miniyaie import Engine, EngineConfig, SamplingParams
+    """A decode step through a CUDA graph (padded batch) gives the eager step's logits. In bf16 the
+    two differ by rounding only (other GEMM shapes, other split counts), so greedy tokens may
+    diverge after many steps; the exact-token check is the fp32 engine test above."""
+    from miniyaie import Engine, EngineConfig
+    from miniyaie.attention import ForwardBatch
     path, _ = _tiny_llama(tmp_path)
+    engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="bfloat16",
+                                 attention_backend="triton", cuda_graphs=True, num_blocks=400, seed=1))
+    runner, kv = engine.runner, engine.runner.kv
     prompts = _prompts(13, 512, seed=9)
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    outs = {}
-    for graphs in (False, True):
-        engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="bfloat16",
-                                     attention_backend="triton", cuda_graphs=graphs, num_blocks=400, seed=1))
-        outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
-        del engine
-    assert outs[False] == outs[True]
+    tables = [kv.allocate(-(-(len(p) + 1) // kv.block_size)) for p in prompts]
+    prefill = ForwardBatch.build(prompts, [0] * 13, tables, [True] * 13, kv.block_size, runner.device)
+    runner.forward(prefill)
+    nxt = [[7] for _ in prompts]
+    decode = ForwardBatch.build(nxt, [len(p) for p in prompts], tables, [True] * 13, kv.block_size,
+                                runner.device)
+    assert runner.graphs.can_run(decode)
+    graphed = runner.forward(decode)  # replays the size-16 graph (3 padding rows)
+    graphs, runner.graphs = runner.graphs, None
+    eager = runner.forward(decode)
+    runner.graphs = graphs
+    err = ((graphed - eager).norm() / eager.norm()).item()
+    assert err < 1e-2, f"graph vs eager relative error {err:.2e}"
+    assert (graphed.argmax(-1) == eager.argmax(-1)).float().mean() > 0.9

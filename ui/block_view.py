@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-import plotly.graph_objects as go
 
 from miniyaie.telemetry import BlockView, EngineSnapshot
 from ui.colors import BLOCK_COLORS, REQUEST_PALETTE, request_color
@@ -69,13 +69,13 @@ def _hover(b: BlockView, block_size: int) -> str:
     return "<br>".join(lines)
 
 
-def block_figure(snapshot: EngineSnapshot) -> go.Figure:
-    """Snapshot in, figure out: a heatmap with one cell per block and a discrete colour per class
-    (free / cache / shared / one colour per owning request)."""
+def block_figure(snapshot: EngineSnapshot) -> dict[str, Any]:
+    """Snapshot in, plotly figure (dict) out: a heatmap with one cell per block and a discrete
+    colour per class (free / cache / shared / one colour per owning request)."""
     cols, rows = grid_shape(snapshot.num_blocks)
     colors = [BLOCK_COLORS["free"], BLOCK_COLORS["cache"], BLOCK_COLORS["shared"], *REQUEST_PALETTE]
     index = {c: i for i, c in enumerate(colors)}
-    z = [[None] * cols for _ in range(rows)]
+    z: list[list] = [[None] * cols for _ in range(rows)]
     text = [[""] * cols for _ in range(rows)]
     hover = [[""] * cols for _ in range(rows)]
     for b in snapshot.blocks:
@@ -87,14 +87,13 @@ def block_figure(snapshot: EngineSnapshot) -> go.Figure:
     k = len(colors)
     scale = []
     for i, color in enumerate(colors):  # step colour scale: value i -> colors[i] exactly
-        scale += [(i / k, color), ((i + 1) / k, color)]
-    fig = go.Figure(go.Heatmap(
-        z=z, text=text, hovertext=hover, texttemplate="%{text}", textfont=dict(size=9, color="#ffffff"),
-        colorscale=scale, zmin=-0.5, zmax=k - 0.5, showscale=False, xgap=2, ygap=2,
-        hovertemplate="%{hovertext}<extra></extra>"))
-    fig.update_layout(height=max(140, min(FIG_HEIGHT, 28 + rows * 18)), margin=dict(l=4, r=4, t=4, b=4),
-                      plot_bgcolor="#ffffff", paper_bgcolor="#ffffff", uirevision="blocks",
-                      hoverlabel=dict(bgcolor="#ffffff", font_size=12))
-    fig.update_xaxes(visible=False, range=[-0.5, cols - 0.5])
-    fig.update_yaxes(visible=False, autorange="reversed")
-    return fig
+        scale += [[i / k, color], [(i + 1) / k, color]]
+    heatmap = dict(type="heatmap", z=z, text=text, hovertext=hover, texttemplate="%{text}",
+                   textfont=dict(size=9, color="#ffffff"), colorscale=scale, zmin=-0.5, zmax=k - 0.5,
+                   showscale=False, xgap=2, ygap=2, hovertemplate="%{hovertext}<extra></extra>")
+    layout = dict(height=max(140, min(FIG_HEIGHT, 28 + rows * 18)), margin=dict(l=4, r=4, t=4, b=4),
+                  plot_bgcolor="#ffffff", paper_bgcolor="#ffffff", uirevision="blocks",
+                  hoverlabel=dict(bgcolor="#ffffff", font=dict(size=12)),
+                  xaxis=dict(visible=False, range=[-0.5, cols - 0.5]),
+                  yaxis=dict(visible=False, autorange="reversed"))
+    return dict(data=[heatmap], layout=layout)

@@ -273,7 +273,7 @@ class DemoUI:
             timer = gr.Timer(REFRESH_SECONDS)
             timer.tick(self.refresh, inputs=seen, outputs=outputs, show_progress="hidden",
                        api_visibility="undocumented", concurrency_limit=None)
-            demo.load(self.refresh, inputs=None, outputs=outputs, show_progress="hidden",
+            demo.load(self.refresh, inputs=seen, outputs=outputs, show_progress="hidden",
                       api_visibility="undocumented")
             self._build_api()
         return demo

@@ -2,13 +2,14 @@
 shared by all viewers (ten open tabs cost one build, not ten)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
 from html import escape
 from typing import Callable, Optional
 
-import plotly.graph_objects as go
+from gradio.components.plot import PlotData
 
 from miniyaie.telemetry import EngineSnapshot
 from ui.block_view import block_figure, block_stats
@@ -19,12 +20,12 @@ from ui.tree_view import tree_figure, tree_summary
 @dataclass(frozen=True)
 class LiveViews:
     version: int
-    tree: go.Figure
+    tree: PlotData
     tree_info: str
-    blocks: go.Figure
+    blocks: PlotData
     blocks_info: str
-    steps: go.Figure
-    metrics: go.Figure
+    steps: PlotData
+    metrics: PlotData
     cards: str
     requests: str
     engine_info: str
@@ -68,12 +69,18 @@ def engine_info_html(snapshot: EngineSnapshot, health: dict) -> str:
     return info
 
 
+def plot(figure: dict) -> PlotData:
+    """A figure dict serialized once, in the form gr.Plot sends to the browser as is (so every
+    viewer of this version shares one JSON string instead of re-encoding the figure)."""
+    return PlotData(type="plotly", plot=json.dumps(figure, separators=(",", ":")))
+
+
 def build_views(snapshot: EngineSnapshot, health: dict) -> LiveViews:
     """Snapshot in, every view out."""
     start = time.perf_counter()
-    views = dict(tree=tree_figure(snapshot), tree_info=tree_info_html(snapshot), blocks=block_figure(snapshot),
-                 blocks_info=blocks_info_html(snapshot), steps=steps_figure(snapshot),
-                 metrics=metrics_figure(snapshot), cards=metrics_html(snapshot), requests=requests_html(snapshot),
+    views = dict(tree=plot(tree_figure(snapshot)), tree_info=tree_info_html(snapshot),
+                 blocks=plot(block_figure(snapshot)), blocks_info=blocks_info_html(snapshot),
+                 steps=plot(steps_figure(snapshot)), metrics=plot(metrics_figure(snapshot)), cards=metrics_html(snapshot), requests=requests_html(snapshot),
                  engine_info=engine_info_html(snapshot, health))
     return LiveViews(version=snapshot.version, build_seconds=time.perf_counter() - start, **views)
 

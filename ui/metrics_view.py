@@ -3,10 +3,8 @@ over time. Pure functions of a snapshot."""
 from __future__ import annotations
 
 from html import escape
-from typing import Optional
+from typing import Any, Optional
 
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from miniyaie.telemetry import EngineSnapshot, RequestView
 from ui.colors import request_color
@@ -15,68 +13,78 @@ STEPS_SHOWN = 40
 FIG_HEIGHT = 250
 
 
-def steps_figure(snapshot: EngineSnapshot) -> go.Figure:
+Figure = dict[str, Any]
+
+
+def steps_figure(snapshot: EngineSnapshot) -> Figure:
     """The last steps' batches: one stacked unit per request in the step, coloured by request,
     hatched when it was a prefill chunk. Tall bars = many requests sharing one forward pass."""
     steps = snapshot.steps[-STEPS_SHOWN:]
     per_request: dict[str, dict[str, list]] = {}
     for step in steps:
+        ms = f"{step.duration * 1000:.0f} ms"
         for rid, n in step.prefill:
             row = per_request.setdefault(rid, {"x": [], "pattern": [], "hover": []})
             row["x"].append(step.index)
             row["pattern"].append("/")
-            row["hover"].append(f"step {step.index} · {rid}: prefill chunk of {n} tokens · {step.duration * 1000:.0f} ms")
+            row["hover"].append(f"step {step.index} · {rid}: prefill chunk of {n} tokens · {ms}")
         for rid in step.decode:
             row = per_request.setdefault(rid, {"x": [], "pattern": [], "hover": []})
             row["x"].append(step.index)
             row["pattern"].append("")
-            row["hover"].append(f"step {step.index} · {rid}: decode 1 token · {step.duration * 1000:.0f} ms")
-    fig = go.Figure()
-    for rid, row in per_request.items():
-        fig.add_trace(go.Bar(x=row["x"], y=[1] * len(row["x"]), name=rid, showlegend=False,
-                             marker=dict(color=request_color(rid), pattern=dict(shape=row["pattern"], fgcolor="#ffffff"),
-                                         line=dict(width=0.5, color="#ffffff")),
-                             hovertext=row["hover"], hovertemplate="%{hovertext}<extra></extra>"))
-    fig.add_trace(go.Bar(x=[None], y=[None], name="decode (1 token)", marker=dict(color="#868e96")))
-    fig.add_trace(go.Bar(x=[None], y=[None], name="prefill chunk",
-                         marker=dict(color="#868e96", pattern=dict(shape="/", fgcolor="#ffffff"))))
-    if not steps:
-        fig.add_annotation(text="No steps yet.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                           font=dict(color="#868e96"))
-    fig.update_layout(barmode="stack", bargap=0.15, height=FIG_HEIGHT, margin=dict(l=40, r=10, t=10, b=30),
-                      plot_bgcolor="#ffffff", paper_bgcolor="#ffffff", uirevision="steps",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
-                      xaxis_title=None, yaxis_title="requests in step")
-    fig.update_xaxes(showgrid=False, tickfont=dict(size=10))
-    fig.update_yaxes(gridcolor="#f1f3f5", rangemode="tozero", tickfont=dict(size=10))
-    return fig
+            row["hover"].append(f"step {step.index} · {rid}: decode 1 token · {ms}")
+    traces = [dict(type="bar", x=row["x"], y=[1] * len(row["x"]), name=rid, showlegend=False,
+                   marker=dict(color=request_color(rid), pattern=dict(shape=row["pattern"], fgcolor="#ffffff"),
+                               line=dict(width=0.5, color="#ffffff")),
+                   hovertext=row["hover"], hovertemplate="%{hovertext}<extra></extra>")
+              for rid, row in per_request.items()]
+    traces.append(dict(type="bar", x=[None], y=[None], name="decode (1 token)", marker=dict(color="#868e96")))
+    traces.append(dict(type="bar", x=[None], y=[None], name="prefill chunk",
+                       marker=dict(color="#868e96", pattern=dict(shape="/", fgcolor="#ffffff"))))
+    layout = dict(barmode="stack", bargap=0.15, height=FIG_HEIGHT, margin=dict(l=40, r=10, t=10, b=30),
+                  plot_bgcolor="#ffffff", paper_bgcolor="#ffffff", uirevision="steps",
+                  legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
+                  xaxis=dict(showgrid=False, tickfont=dict(size=10), title=dict(text="step", font=dict(size=10))),
+                  yaxis=dict(gridcolor="#f1f3f5", rangemode="tozero", tickfont=dict(size=10),
+                             title=dict(text="requests in step", font=dict(size=11))),
+                  annotations=[] if steps else [dict(text="No steps yet.", showarrow=False, x=0.5, y=0.5,
+                                                     xref="paper", yref="paper", font=dict(color="#868e96"))])
+    return dict(data=traces, layout=layout)
 
 
-def metrics_figure(snapshot: EngineSnapshot) -> go.Figure:
-    """Throughput, queue and KV usage over the last minutes (samples every 0.5 s while busy)."""
+def metrics_figure(snapshot: EngineSnapshot) -> Figure:
+    """Throughput, queue and KV usage over the last minutes (samples every 0.5 s while busy).
+    Two panels side by side; the right one has KV usage % on a second axis."""
     h = snapshot.history
     t0 = h[-1].time if h else snapshot.time
-    xs = [s.time - t0 for s in h]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=("generated tokens / s", "requests and KV usage"),
-                        specs=[[{}, {"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=xs, y=[s.tokens_per_s for s in h], name="tokens/s", mode="lines",
-                             line=dict(color="#7950f2", width=2), fill="tozeroy", fillcolor="rgba(121,80,242,0.12)"),
-                  row=1, col=1)
-    fig.add_trace(go.Scatter(x=xs, y=[s.running for s in h], name="running", mode="lines",
-                             line=dict(color="#12b886", width=2, shape="hv")), row=1, col=2)
-    fig.add_trace(go.Scatter(x=xs, y=[s.waiting for s in h], name="waiting", mode="lines",
-                             line=dict(color="#fa5252", width=2, shape="hv")), row=1, col=2)
-    fig.add_trace(go.Scatter(x=xs, y=[100 * s.kv_usage for s in h], name="KV usage %", mode="lines",
-                             line=dict(color="#e8590c", width=1.5, dash="dot")), row=1, col=2, secondary_y=True)
-    fig.update_layout(height=FIG_HEIGHT, margin=dict(l=40, r=40, t=30, b=30), plot_bgcolor="#ffffff",
-                      paper_bgcolor="#ffffff", uirevision="metrics", showlegend=True,
-                      legend=dict(orientation="h", yanchor="top", y=-0.15, x=0.55, font=dict(size=11)))
-    fig.update_annotations(font_size=12)
-    fig.update_xaxes(title_text="seconds (0 = now)", title_font_size=10, tickfont=dict(size=10), gridcolor="#f1f3f5")
-    fig.update_yaxes(rangemode="tozero", tickfont=dict(size=10), gridcolor="#f1f3f5")
-    fig.update_yaxes(range=[0, 100], secondary_y=True, showgrid=False, row=1, col=2)
-    return fig
+    xs = [round(s.time - t0, 2) for s in h]
+    traces = [
+        dict(type="scatter", x=xs, y=[s.tokens_per_s for s in h], name="tokens/s", mode="lines",
+             line=dict(color="#7950f2", width=2), fill="tozeroy", fillcolor="rgba(121,80,242,0.12)",
+             xaxis="x", yaxis="y"),
+        dict(type="scatter", x=xs, y=[s.running for s in h], name="running", mode="lines",
+             line=dict(color="#12b886", width=2, shape="hv"), xaxis="x2", yaxis="y2"),
+        dict(type="scatter", x=xs, y=[s.waiting for s in h], name="waiting", mode="lines",
+             line=dict(color="#fa5252", width=2, shape="hv"), xaxis="x2", yaxis="y2"),
+        dict(type="scatter", x=xs, y=[100 * s.kv_usage for s in h], name="KV usage %", mode="lines",
+             line=dict(color="#e8590c", width=1.5, dash="dot"), xaxis="x2", yaxis="y3"),
+    ]
+    axis = dict(tickfont=dict(size=10), gridcolor="#f1f3f5", zeroline=False)
+    layout = dict(
+        height=FIG_HEIGHT, margin=dict(l=40, r=40, t=30, b=30), plot_bgcolor="#ffffff", paper_bgcolor="#ffffff",
+        uirevision="metrics", showlegend=True,
+        legend=dict(orientation="h", yanchor="top", y=-0.12, x=0.56, font=dict(size=11)),
+        xaxis=dict(domain=[0, 0.42], anchor="y", ticksuffix=" s", **axis),
+        yaxis=dict(anchor="x", rangemode="tozero", **axis),
+        xaxis2=dict(domain=[0.56, 0.94], anchor="y2", ticksuffix=" s", **axis),
+        yaxis2=dict(anchor="x2", rangemode="tozero", **axis),
+        yaxis3=dict(anchor="x2", overlaying="y2", side="right", range=[0, 100], showgrid=False,
+                    tickfont=dict(size=10), ticksuffix="%"),
+        annotations=[dict(text=t, x=x, y=1.0, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
+                          showarrow=False, font=dict(size=12))
+                     for t, x in (("generated tokens / s (0 s = now)", 0.21), ("requests and KV usage", 0.75))],
+    )
+    return dict(data=traces, layout=layout)
 
 
 def _fmt_s(value: Optional[float]) -> str:

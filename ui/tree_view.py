@@ -1,4 +1,5 @@
-"""The radix tree as a plotly figure: a tidy left-to-right tree, one marker per node (an edge of
+"""The radix tree as a plotly figure (a plain dict: building ``go.Figure`` objects validates every
+property and costs ~10x more, which a 2-core machine pays twice a second): a tidy left-to-right tree, one marker per node (an edge of
 cached tokens), coloured by state, sized by tokens, with the edge's decoded text beside it.
 
 Pure functions of a snapshot. The layout depends only on the tree's shape and node ids (children
@@ -8,10 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import networkx as nx
-import plotly.graph_objects as go
 
 from miniyaie.telemetry import EngineSnapshot, EvictedNodeView, TreeNodeView
 from ui.colors import NODE_COLORS, NODE_LABELS
@@ -133,17 +133,18 @@ def _size(num_tokens: int) -> float:
     return min(34.0, 9.0 + 3.0 * math.sqrt(max(num_tokens, 1) / 4))
 
 
-def tree_figure(snapshot: EngineSnapshot) -> go.Figure:
-    """Snapshot in, figure out."""
+Figure = dict[str, Any]
+
+
+def tree_figure(snapshot: EngineSnapshot) -> Figure:
+    """Snapshot in, plotly figure (dict) out."""
     nodes, folded = collapse(snapshot.tree)
-    fig = go.Figure()
     if len(nodes) <= 1:
-        fig.add_annotation(text="The prefix cache is empty. Run a prompt: its blocks are inserted here when it finishes.",
-                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(color="#868e96"))
-        return _style(fig, 0, 0)
+        return _style([], 0, 0, note="The prefix cache is empty. Run a prompt: its blocks are inserted here when it finishes.")
     root = next(n for n in nodes if n.parent_id is None)
     edges = [(n.parent_id, n.id) for n in nodes if n.parent_id is not None] + [(f.parent_id, f.id) for f in folded]
     pos = tidy_layout(edges, root.id)
+    traces: list[dict] = []
 
     # edges as elbows: across from the parent, then down to the child's row
     ex, ey = [], []
@@ -151,15 +152,15 @@ def tree_figure(snapshot: EngineSnapshot) -> go.Figure:
         (x0, y0), (x1, y1) = pos[parent], pos[child]
         ex += [x0, x0 + 0.12, x0 + 0.12, x1, None]
         ey += [y0, y0, y1, y1, None]
-    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color="#ced4da", width=1.5),
-                             hoverinfo="skip", showlegend=False))
+    traces.append(dict(type="scatter", x=ex, y=ey, mode="lines", line=dict(color="#ced4da", width=1.5),
+                       hoverinfo="skip", showlegend=False))
 
     # edge labels: the decoded text of the node's tokens, on the edge just left of it
     labelled = [n for n in nodes if n.parent_id is not None]
     if len(labelled) > 60:  # too many to read: label only what is in use or just changed
         labelled = [n for n in labelled if n.state in ("locked", "hit", "new") or is_shared(n)]
-    fig.add_trace(go.Scatter(
-        x=[pos[n.id][0] - 0.06 for n in labelled], y=[pos[n.id][1] + 0.28 for n in labelled],
+    traces.append(dict(
+        type="scatter", x=[pos[n.id][0] - 0.06 for n in labelled], y=[pos[n.id][1] + 0.28 for n in labelled],
         mode="text", text=[_short(n.text) for n in labelled], textposition="middle left",
         textfont=dict(size=10, color="#343a40"), hoverinfo="skip", showlegend=False))
 
@@ -167,9 +168,9 @@ def tree_figure(snapshot: EngineSnapshot) -> go.Figure:
         group = [n for n in nodes if n.state == state]
         if not group:
             continue
-        fig.add_trace(go.Scatter(
-            x=[pos[n.id][0] for n in group], y=[pos[n.id][1] for n in group], mode="markers",
-            name=f"{NODE_LABELS[state]} ({len(group) if state != 'root' else 1})",
+        traces.append(dict(
+            type="scatter", x=[pos[n.id][0] for n in group], y=[pos[n.id][1] for n in group], mode="markers",
+            name=f"{NODE_LABELS[state]} ({len(group)})" if state != "root" else "root",
             marker=dict(size=[_size(n.num_tokens) for n in group], color=NODE_COLORS[state],
                         # shared nodes get a heavy outline: that is where requests met
                         line=dict(width=[3 if is_shared(n) else 1 for n in group],
@@ -178,46 +179,48 @@ def tree_figure(snapshot: EngineSnapshot) -> go.Figure:
 
     shared = [n for n in nodes if is_shared(n)]
     if shared:  # a legend entry that explains the heavy outline
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"shared by ≥2 requests ({len(shared)})",
-                                 marker=dict(size=12, color="#ffffff", line=dict(width=3, color="#212529"))))
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="markers",
+                           name=f"shared by ≥2 requests ({len(shared)})",
+                           marker=dict(size=12, color="#ffffff", line=dict(width=3, color="#212529"))))
     if folded:
-        fig.add_trace(go.Scatter(
-            x=[pos[f.id][0] for f in folded], y=[pos[f.id][1] for f in folded], mode="markers+text",
+        traces.append(dict(
+            type="scatter", x=[pos[f.id][0] for f in folded], y=[pos[f.id][1] for f in folded], mode="markers+text",
             name=f"{NODE_LABELS['collapsed']} ({sum(f.count for f in folded)})",
             marker=dict(size=12, color=NODE_COLORS["collapsed"], symbol="square"),
             text=[f"+{f.count} more" for f in folded], textposition="middle right", textfont=dict(size=10),
             hovertext=[f"{f.count} less recently used branches, {f.num_tokens} tokens" for f in folded],
             hovertemplate="%{hovertext}<extra></extra>"))
-    _add_evicted(fig, snapshot.evicted, pos)
+    traces += _evicted_traces(snapshot.evicted, pos)
     xs = [p[0] for p in pos.values()]
     ys = [p[1] for p in pos.values()]
-    return _style(fig, max(xs), min(ys))
+    return _style(traces, max(xs), min(ys))
 
 
-def _add_evicted(fig: go.Figure, evicted: Sequence[EvictedNodeView], pos: dict[int, tuple[float, float]]) -> None:
+def _evicted_traces(evicted: Sequence[EvictedNodeView], pos: dict[int, tuple[float, float]]) -> list[dict]:
     """Ghosts of evicted nodes just right of their parent, fading with age; they take no layout
     slot, so the live tree does not move when they vanish."""
     ghosts = [e for e in evicted if e.parent_id in pos and e.age < FADE_SECONDS]
     if not ghosts:
-        return
-    fig.add_trace(go.Scatter(
-        x=[pos[e.parent_id][0] + 0.5 for e in ghosts],
+        return []
+    return [dict(
+        type="scatter", x=[pos[e.parent_id][0] + 0.5 for e in ghosts],
         y=[pos[e.parent_id][1] - 0.35 - 0.15 * (i % 3) for i, e in enumerate(ghosts)],
         mode="markers", name=f"{NODE_LABELS['evicted']} ({len(ghosts)})",
         marker=dict(size=[_size(e.num_tokens) for e in ghosts], color=NODE_COLORS["evicted"], symbol="x",
                     opacity=[max(0.1, 1 - e.age / FADE_SECONDS) for e in ghosts]),
         text=[f"evicted {e.age:.1f} s ago: “{_short(e.text, 40)}” ({e.num_tokens} tokens)" for e in ghosts],
-        hovertemplate="%{text}<extra></extra>"))
+        hovertemplate="%{text}<extra></extra>")]
 
 
-def _style(fig: go.Figure, max_x: float, min_y: float) -> go.Figure:
-    fig.update_layout(
+def _style(traces: list[dict], max_x: float, min_y: float, note: str = "") -> Figure:
+    layout = dict(
         height=FIG_HEIGHT, margin=dict(l=10, r=10, t=10, b=10), plot_bgcolor="#ffffff", paper_bgcolor="#ffffff",
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
         uirevision="tree",  # keep the user's zoom across refreshes
-        hoverlabel=dict(bgcolor="#ffffff", font_size=12),
+        hoverlabel=dict(bgcolor="#ffffff", font=dict(size=12)),
+        xaxis=dict(visible=False, range=[-0.6, max(max_x, 2) + 0.6]),
+        yaxis=dict(visible=False, range=[min(min_y, -6) - 0.8, 0.9]),
+        annotations=[dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                          font=dict(color="#868e96"))] if note else [],
     )
-    fig.update_xaxes(visible=False, range=[-0.6, max(max_x, 2) + 0.6])
-    fig.update_yaxes(visible=False, range=[min(min_y, -6) - 0.8, 0.9])
-    return fig
-
+    return dict(data=traces, layout=layout)

@@ -207,7 +207,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
                      scale: float, page: int, num_splits: int,
                      mid_o: torch.Tensor | None = None, mid_lse: torch.Tensor | None = None,
-                     q_row0: int = 0, seq0: int = 0, num_seqs: int | None = None) -> None:
+                     q_row0: int = 0, seq0: int = 0, num_seqs: int | None = None,
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> None:
     """Decode attention for ``num_seqs`` sequences (rows ``q_row0 + i`` of q/out, entries
     ``seq0 + i`` of block_tables/seq_lens). ``num_splits`` (a power of two) > 1 needs the scratch
     ``mid_o [B, H, S, D]`` fp32 and ``mid_lse [B, H, S]`` fp32."""
@@ -223,7 +224,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mo, ml = mid_o, mid_lse
     else:
         mo, ml = out, out  # unused
-    block_n = 64 if block_d <= 128 else 32
+    block_n = block_n or (64 if block_d <= 128 else 32)
     _decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, mo, ml,
         q_row0, seq0, scale * LOG2E,
@@ -233,7 +234,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml.stride(0), ml.stride(1) if num_splits > 1 else 0,
         GROUP=group, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype), num_warps=4, num_stages=2)
+        NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, q_row0,
