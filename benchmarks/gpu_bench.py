@@ -272,11 +272,19 @@ def bench_breakdown(loaded) -> None:
         return out
     engine.runner.forward = timed("forward_launch", forward)
     engine.runner.forward = timed("forward_sync", engine.runner.forward, sync=True)
+    engine._append = timed("append", engine._append)
+    engine.telemetry.on_step = timed("telemetry", engine.telemetry.on_step)
     sampler_call = engine.sampler.__class__.__call__
     engine.sampler.__class__.__call__ = timed("sample", sampler_call)
     try:
-        for use_graphs in (False, True):
+        import gc as _gc
+        for mode in ("eager", "graphs", "graphs_gc_off"):
+            use_graphs = mode != "eager"
             engine.runner.graphs = graphs if use_graphs else None
+            if mode == "graphs_gc_off":
+                _gc.collect()
+                _gc.freeze()
+                _gc.disable()
             engine.clear_cache()
             ids = [engine.add_request(p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
                    for p in prompts]
@@ -296,10 +304,12 @@ def bench_breakdown(loaded) -> None:
             part = {k: v / steps for k, v in timers.items()}
             part["forward_wait"] = part.pop("forward_sync") - part["forward_launch"]
             part["rest"] = wall - part["schedule"] - part["build_batch"] - part["forward_launch"] \
-                - part["forward_wait"] - part["sample"]
-            res["graphs" if use_graphs else "eager"] = dict(step_ms=wall * 1e3, gpu_forward_ms=gpu * 1e3,
+                - part["forward_wait"] - part["sample"] - part["append"] - part["telemetry"]
+            _gc.enable()
+            _gc.unfreeze()
+            res[mode] = dict(step_ms=wall * 1e3, gpu_forward_ms=gpu * 1e3,
                                                            batch=256, **{f"{k}_ms": v * 1e3 for k, v in part.items()})
-            log(f"breakdown graphs={use_graphs}: {res['graphs' if use_graphs else 'eager']}")
+            log(f"breakdown {mode}: {res[mode]}")
             while engine.has_unfinished:
                 engine.step()
             for i in ids:
@@ -406,7 +416,7 @@ def markdown() -> str:
     b = RESULTS.get("breakdown")
     if b:
         keys = ["step_ms", "gpu_forward_ms", "schedule_ms", "build_batch_ms", "forward_launch_ms",
-                "forward_wait_ms", "sample_ms", "rest_ms"]
+                "forward_wait_ms", "sample_ms", "append_ms", "telemetry_ms", "rest_ms"]
         lines += ["### Decode step at batch 256 (~1,000-token contexts), ms per step", "",
                   "| | " + " | ".join(k[:-3] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, r in b.items():
@@ -421,7 +431,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--peer-requests", type=int, default=48)
     parser.add_argument("--static-batches", type=int, default=1)
+    parser.add_argument("--gc-tuned", action="store_true",
+                        help="gc.freeze() after start-up and gen-0 threshold 50,000 (what we ask the engine to do)")
     args = parser.parse_args(argv)
+    if args.gc_tuned:
+        import gc as _gc
+        _gc.collect()
+        _gc.freeze()
+        _gc.set_threshold(50_000, 20, 100)
+        RESULTS["gc_tuned"] = True
     only = args.only.split(",")
     log(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

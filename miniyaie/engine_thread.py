@@ -74,11 +74,15 @@ class EngineThread:
     reports it, and the loop keeps serving new requests.
     """
 
+    ERROR_WINDOW_S = 30.0
+
     def __init__(self, engine: Engine, idle_wait: float = 0.05) -> None:
         self.engine = engine
         self.lock = threading.Lock()
         self.handles: dict[str, RequestHandle] = {}
-        self.error: Optional[str] = None
+        self.error: Optional[str] = None  # the last step failure, shown on the page and in /health
+        self.error_time: Optional[float] = None
+        self.num_errors = 0
         self.steps = 0
         self.started_at = time.time()
         self._wake = threading.Event()
@@ -136,8 +140,11 @@ class EngineThread:
         return result
 
     def health(self) -> dict:
-        return {"status": "ok" if self.alive and self.error is None else ("error" if self.alive else "stopped"),
-                "engine_thread_alive": self.alive, "error": self.error, "steps": self.steps,
+        # a failed step fails its requests and the loop goes on: "degraded" for a while, then ok
+        recent = self.error_time is not None and time.time() - self.error_time < self.ERROR_WINDOW_S
+        status = "stopped" if not self.alive else ("degraded" if recent else "ok")
+        return {"status": status, "engine_thread_alive": self.alive, "last_error": self.error,
+                "num_errors": self.num_errors, "steps": self.steps,
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "model": self.engine.model_name, "uptime_s": round(time.time() - self.started_at, 1)}
 
@@ -158,6 +165,8 @@ class EngineThread:
                             self.engine.requests.pop(out.request_id, None)
             except Exception as err:  # keep serving: fail what was in flight, report, go on
                 self.error = f"{type(err).__name__}: {err}"
+                self.error_time = time.time()
+                self.num_errors += 1
                 traceback.print_exc()
                 outputs = self._fail_all(self.error)
             for out in outputs:

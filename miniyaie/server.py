@@ -622,7 +622,8 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     @app.get("/health")
     async def health() -> JSONResponse:
         state = engine_thread.health()
-        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+        # "degraded" (a step failed recently, the loop goes on) still serves: only "stopped" is down
+        return JSONResponse(state, status_code=503 if state["status"] == "stopped" else 200)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

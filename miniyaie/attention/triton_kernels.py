@@ -208,7 +208,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float, page: int, num_splits: int,
                      mid_o: torch.Tensor | None = None, mid_lse: torch.Tensor | None = None,
                      q_row0: int = 0, seq0: int = 0, num_seqs: int | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> None:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> None:
     """Decode attention for ``num_seqs`` sequences (rows ``q_row0 + i`` of q/out, entries
     ``seq0 + i`` of block_tables/seq_lens). ``num_splits`` (a power of two) > 1 needs the scratch
     ``mid_o [B, H, S, D]`` fp32 and ``mid_lse [B, H, S]`` fp32."""
