@@ -64,6 +64,12 @@ class Engine:
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} does not fit: the prompt takes {len(token_ids)} "
                              f"of {self.max_model_len} context tokens, leaving {self.max_model_len - len(token_ids)}")
+        # the last sampled token is never stored, so a request needs slots for all but one token
+        capacity = self.runner.kv.num_blocks * self.runner.kv.block_size
+        if len(token_ids) + params.max_tokens - 1 > capacity:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens={params.max_tokens} needs more KV "
+                             f"cache than the whole pool holds ({capacity} tokens); lower max_tokens or "
+                             f"shorten the prompt")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
         index = next(self._ids)
@@ -236,7 +242,18 @@ class Engine:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.add_request(p, sp))
+        except Exception:  # one bad prompt: queue none of them, so nothing is left behind
+            for request_id in ids:
+                self.abort(request_id)
+                self.requests.pop(request_id, None)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            raise
         pending = set(ids)
         while pending:
             for out in self.step():
@@ -256,6 +273,7 @@ class Engine:
                             return
         finally:
             self.abort(request_id)  # the consumer stopped early: free its blocks
+            self.requests.pop(request_id, None)  # and forget it: nobody will call result()
 
     def result(self, request_id: str) -> GenerationOutput:
         """The finished request (and forget it)."""

@@ -120,9 +120,13 @@ def test_panels_say_what_the_cache_saved():
 
 
 def test_crash_shows_on_page():
-    html = engine_info_html(snapshot(), {"status": "error", "error": "RuntimeError: boom", "engine_thread_alive": True})
+    html = engine_info_html(snapshot(), {"status": "degraded", "last_error": "RuntimeError: boom",
+                                         "engine_thread_alive": True})
     assert 'id="engine-error"' in html and "boom" in html
-    assert "engine-error" not in engine_info_html(snapshot(), {"status": "ok", "error": None})
+    stopped = engine_info_html(snapshot(), {"status": "stopped", "last_error": None, "engine_thread_alive": False})
+    assert "engine thread stopped" in stopped
+    # an old error after the engine recovered ("ok") is no longer shouted about
+    assert "engine-error" not in engine_info_html(snapshot(), {"status": "ok", "last_error": "old"})
 
 
 def test_tokens_html_shows_distributions():
@@ -196,7 +200,7 @@ def served(tiny_loaded):
         assert time.time() < deadline, "server did not start"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}/", engine_thread
-    server.should_exit = True
+    server.should_exit = server.force_exit = True  # do not wait for open streaming connections
     thread.join(10)
     engine_thread.stop()
 
@@ -261,7 +265,6 @@ def test_abort_stops_and_frees_blocks(served, client):
     engine_thread.call(lambda e: e.check_integrity())
 
 
-@pytest.mark.slow
 def test_shared_system_prompt_scenario(served, client):
     _, engine_thread = served
     engine_thread.call(lambda e: e.clear_cache())
@@ -288,7 +291,7 @@ def test_engine_crash_reported(served, client):
         _, _, reason = client.predict("hello", 8, 0.0, -1, api_name="/generate")
         assert reason == "error"
         health = httpx.get(url + "health").json()
-        assert health["status"] == "error" and "injected fault" in health["error"]
+        assert health["status"] != "ok" and "injected fault" in json.dumps(health)
         assert "engine-error" in build_views(engine_thread.snapshot(), engine_thread.health()).engine_info
         # and it keeps serving
         _, text, reason = client.predict("hello again", 4, 0.0, -1, api_name="/generate")
@@ -296,3 +299,5 @@ def test_engine_crash_reported(served, client):
     finally:
         engine_thread.fault_hook = None
         engine_thread.error = None  # later tests start from a healthy engine
+        if hasattr(engine_thread, "error_time"):
+            engine_thread.error_time = None

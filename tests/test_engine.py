@@ -110,6 +110,15 @@ def test_greedy_output_independent_of_batching_cache_and_preemption(make_engine,
     # just over what the longest request needs alone: 40 requests must evict and preempt
     num_blocks = -(-longest // BLOCK_SIZE) + 6
     engine = make_engine(num_blocks=num_blocks, schedule_policy=policy, max_num_batched_tokens=budget)
+    evicted = []  # counted independently of telemetry, which reads the tree's event log
+    tree_evict = engine.scheduler.tree.evict
+
+    def counting_evict(num_blocks):
+        freed = tree_evict(num_blocks)
+        evicted.extend(freed)
+        return freed
+
+    engine.scheduler.tree.evict = counting_evict
     results = run_all(engine, prompts, greedy(MAX_TOKENS))
     outs = list(results.values())
     for i, (out, want) in enumerate(zip(outs, reference_outputs)):
@@ -121,6 +130,7 @@ def test_greedy_output_independent_of_batching_cache_and_preemption(make_engine,
           f"prompt tokens, forward tokens {engine.num_forward_tokens}")
     assert engine.scheduler.num_preemptions > 0
     assert metrics.evicted_blocks > 0
+    assert metrics.evicted_blocks == len(evicted)
     assert sum(o.cached_tokens for o in outs) > 0, "no request hit the prefix cache"
     assert_drained(engine)
 
@@ -290,6 +300,7 @@ def test_abort_waiting_request_and_stream_closed_early(make_engine):
     engine.check_integrity()
     engine.step()  # reports the abort
     assert not engine.has_unfinished
+    assert list(engine.requests) == [b], "only the aborted request nobody collected yet"
     assert_drained(engine)
 
 
@@ -333,6 +344,33 @@ def test_max_tokens_reaching_context_end_finishes_with_length(make_engine):
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="max_tokens"):
         engine.add_request([3] * 20, greedy(13))
+    assert_drained(engine)
+
+
+def test_request_bigger_than_the_whole_pool_is_rejected(make_engine):
+    """A request that could never fit the KV pool would wait (or preempt itself) forever and block
+    the queue behind it: it is refused up front. One that fits exactly runs."""
+    engine = make_engine(num_blocks=8)  # 32 token slots
+    with pytest.raises(ValueError, match="pool"):
+        engine.add_request([3] * 40, greedy(2))
+    with pytest.raises(ValueError, match="pool"):
+        engine.add_request([3] * 20, greedy(14))
+    out = engine.generate([[3] * 20], greedy(13))[0]  # 20 + 13 - 1 = 32 slots: the last token is never stored
+    assert len(out.token_ids) == 13 and out.finish_reason == "length"
+    assert engine.generate([[4, 5]], greedy(2))[0].finish_reason == "length"
+    assert_drained(engine)
+
+
+def test_generate_with_one_bad_prompt_queues_nothing(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate([[1, 2, 3], [4, 5], [-1]], greedy(3))
+    with pytest.raises(ValueError, match="SamplingParams"):
+        engine.generate([[1, 2, 3], [4, 5]], [greedy(3)])
+    assert not engine.requests and not engine.has_unfinished
+    assert engine.step() == []
+    assert [len(o.token_ids) for o in engine.generate([[1, 2, 3], [4, 5]], greedy(3))] == [3, 3]
+    assert not engine.requests
     assert_drained(engine)
 
 
@@ -416,6 +454,7 @@ def test_stream_deltas_concatenate_to_final_text(make_engine):
     final = engine.generate([prompt], greedy(12))[0]
     assert ids == final.token_ids
     assert "".join(o.delta_text for o in outs) == final.text
+    assert not engine.requests, "a finished stream leaves nothing behind"
     assert_drained(engine)
 
 

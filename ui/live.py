@@ -60,7 +60,12 @@ def engine_info_html(snapshot: EngineSnapshot, health: dict) -> str:
             f'<span class="pill">{snapshot.num_blocks} blocks × {snapshot.block_size} tokens</span>'
             f'<span class="pill">prefix cache {cache} · policy {escape(snapshot.schedule_policy)}</span>'
             f'<span class="pill health-{escape(str(health.get("status")))}" id="engine-health">engine {escape(str(health.get("status")))}</span></div>')
-    problem = health.get("error") or (None if health.get("engine_thread_alive", True) else "the engine thread stopped")
+    status = health.get("status", "ok")
+    last_error = health.get("last_error") or health.get("error")
+    if not health.get("engine_thread_alive", True) or status == "stopped":
+        problem = f"the engine thread stopped{f' after: {last_error}' if last_error else ''}"
+    else:
+        problem = last_error if status != "ok" else None  # "degraded": a step failed recently
     if problem:
         info += (f'<div class="error-banner" id="engine-error"><b>Engine error:</b> {escape(str(problem))}. '
                  f'Requests in flight were failed; new requests are still accepted.</div>')
@@ -107,7 +112,7 @@ class ViewCache:
         snapshot = self._snapshot_fn()
         t1 = time.perf_counter()
         health = self._health_fn()
-        key = (health.get("status"), health.get("error"))
+        key = (health.get("status"), health.get("last_error") or health.get("error"))
         views = self._views
         if views is not None and views.version == snapshot.version and key == self._health_key:
             return views

@@ -117,8 +117,12 @@ def tidy_layout(edges: Sequence[tuple[int, int]], root: int) -> dict[int, tuple[
 
 
 def _short(text: str, limit: int = 22) -> str:
+    """Head…tail: siblings often start alike (the end of a shared block), so keep both ends."""
     text = text.replace("\n", "↵").replace("\t", "⇥")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[-(limit - 1 - head):]
 
 
 def _hover(n: TreeNodeView) -> str:
