@@ -28,7 +28,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int = 0  # top alternatives kept per generated token (0: only the chosen one)
+    # per-token distribution record: None = none (cheapest), 0 = the chosen token's logprob,
+    # k = also the top-k alternatives (OpenAI's top_logprobs; the demo's distribution view)
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,8 +66,8 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "must be non-negative integers")
-        check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20, "logprobs",
-              "must be an integer in [0, 20]")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+              "logprobs", "must be None or an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:
@@ -162,14 +164,20 @@ class Request:
     error: Optional[str] = None
     num_preemptions: int = 0
     emitted_chars: int = 0  # text already streamed to the client
+    # prompt + output, kept as one list because every step slices it (a fresh concatenation per
+    # step per request showed up in decode-step profiles)
+    all_token_ids: list[int] = field(default_factory=list)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self) -> None:
+        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

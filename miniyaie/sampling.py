@@ -91,7 +91,7 @@ class SamplingBatch:
             prompt_token_ids=[list(t) if u else [] for t, u in zip(prompt_token_ids, uses_penalty)],
             output_token_ids=[list(t) if u else [] for t, u in zip(output_token_ids, uses_penalty)],
             greedy=greedy,
-            num_top=min(vocab_size, max([num_top] + [p.logprobs for p in params])),
+            num_top=min(vocab_size, max([num_top] + [p.logprobs or 0 for p in params])),
             filter_rows=filter_rows,
             filter_width=max((top_ks[i] for i in filter_rows), default=vocab_size),
             any_penalty=any(uses_penalty),

@@ -124,7 +124,8 @@ class CompletionBody(_Body):
     best_of: Optional[int] = None
 
 
-def _sampling_params(body: _Body, max_tokens: Optional[int], logprobs: int, seed_offset: int) -> SamplingParams:
+def _sampling_params(body: _Body, max_tokens: Optional[int], logprobs: Optional[int],
+                     seed_offset: int) -> SamplingParams:
     """OpenAI fields → SamplingParams; unset fields keep OpenAI's defaults (temperature 1)."""
     given = {
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
@@ -382,7 +383,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         return {"id": served, "object": "model", "created": created, "owned_by": "miniyaie",
                 "max_model_len": engine.max_model_len}
 
-    async def start(endpoint: str, body: _Body, prompts: list[Any], logprobs: int,
+    async def start(endpoint: str, body: _Body, prompts: list[Any], logprobs: Optional[int],
                     max_tokens: Optional[int]) -> _Job:
         """Validate, tokenize and submit every (prompt, choice); all or nothing."""
         stats.requests[endpoint] = stats.requests.get(endpoint, 0) + 1
@@ -514,7 +515,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
-        top = 0
+        top = None  # no per-token record unless asked: it costs time on every step
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be in [0, 20] (got {body.top_logprobs})", param="top_logprobs")
         if body.logprobs:
@@ -574,7 +575,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         want_logprobs = body.logprobs is not None
-        job = await start("completions", body, _completion_prompts(body.prompt), body.logprobs or 0,
+        job = await start("completions", body, _completion_prompts(body.prompt), body.logprobs,
                           body.max_tokens)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:

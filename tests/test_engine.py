@@ -35,13 +35,14 @@ def script_outputs(engine: Engine, scripts: dict[tuple[int, ...], list[int]]) ->
 
     def run(plan):
         chosen = []
-        for request, choice in original(plan):
+        for request, token, choice in original(plan):
             script = scripts.get(tuple(request.prompt_token_ids), [])
             i = len(request.output_token_ids)
             if i < len(script):
                 token = script[i]
-                choice = dataclasses.replace(choice, token_id=token, text=engine._token_text(token))
-            chosen.append((request, choice))
+                if choice is not None:
+                    choice = dataclasses.replace(choice, token_id=token, text=engine._token_text(token))
+            chosen.append((request, token, choice))
         return chosen
 
     engine._run = run

@@ -50,7 +50,7 @@ class Sim:
                 self.sched.cache_prefill(s.request)
         for r in sampling:
             # a deterministic "model": the next token depends on the sequence so far
-            r.output_token_ids.append(1000 + sum(r.all_token_ids) % 97)
+            r.append_token(1000 + sum(r.all_token_ids) % 97)
             if len(r.output_token_ids) >= r.params.max_tokens:
                 self.sched.finish(r)
                 self.finished.append(r)

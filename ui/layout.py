@@ -50,13 +50,16 @@ Hatched = a prefill chunk of its prompt, solid = decoding one token. Continuous 
 and leave between steps, and prompts are prefilled in chunks alongside running decodes."""
 
 
+TOP_ALTERNATIVES = 5  # candidates shown per token in the distribution view
+
+
 def sampling_params(max_tokens: float, temperature: float, top_k: float, top_p: float, seed: Optional[float],
                     stop: tuple[str, ...] = ()) -> SamplingParams:
     """Controls → SamplingParams (top-k 0 and seed -1/blank mean off)."""
     seed_value = None if seed is None or int(seed) < 0 else int(seed)
     return SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature),
                           top_k=int(top_k) if int(top_k) > 0 else -1, top_p=float(top_p), seed=seed_value,
-                          stop=list(stop))
+                          stop=list(stop), logprobs=TOP_ALTERNATIVES)
 
 
 def _content_text(content: Any) -> str:
