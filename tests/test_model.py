@@ -124,7 +124,7 @@ def test_chunked_prefill_matches_one_piece(name, tiny_loaded):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_matches_transformers():
+def test_embedded_smollm2_matches_transformers(all_threads):
     loaded = load_model("embedded")
     ref = transformers.LlamaForCausalLM.from_pretrained(loaded.source_dir, dtype=torch.float32).eval()
     runner = make_runner(loaded, block_size=16, num_blocks=64)
