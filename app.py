@@ -22,6 +22,12 @@ from fastapi import FastAPI
 from miniyaie import Engine, EngineConfig
 from miniyaie.engine_thread import EngineThread
 
+# Limits for a shared public demo (README "Reliability"); each has a flag and a MINIYAIE_* variable.
+DEFAULT_MAX_WAITING = 256  # waiting-queue length; over it: HTTP 429 + Retry-After, a message in the page
+DEFAULT_MAX_PROMPT_TOKENS = 4096  # longer prompts: 400
+DEFAULT_MAX_TOKENS_CAP = 1024  # larger max_tokens: 400
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # larger request bodies: 413, before any parsing
+DEFAULT_MAX_SESSION_REQUESTS = 32  # requests one browser tab may have running at once
 CPU_DEMO_BLOCKS = 256  # small pool on CPU: the block map stays readable and eviction is reachable
 GPU_DEMO_BLOCKS = 2048
 
@@ -57,12 +63,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-prefix-cache", action="store_true", default=_env("MINIYAIE_NO_PREFIX_CACHE") == "1")
     p.add_argument("--policy", default=_env("MINIYAIE_POLICY", "lpm"), choices=["lpm", "fcfs"])
     p.add_argument("--api-key", default=_env("MINIYAIE_API_KEY"), help="required as Bearer token on /v1 when set")
+    g = p.add_argument_group("limits (0 turns a limit off)")
+    g.add_argument("--max-waiting", type=int, default=_int_env("MINIYAIE_MAX_WAITING") or DEFAULT_MAX_WAITING,
+                   help=f"waiting-queue length before new requests get 429 (default {DEFAULT_MAX_WAITING})")
+    g.add_argument("--max-prompt-tokens", type=int, default=_int_env("MINIYAIE_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS),
+                   help=f"longest prompt accepted, in tokens (default {DEFAULT_MAX_PROMPT_TOKENS})")
+    g.add_argument("--max-tokens-cap", type=int, default=_int_env("MINIYAIE_MAX_TOKENS_CAP", DEFAULT_MAX_TOKENS_CAP),
+                   help=f"largest max_tokens accepted (default {DEFAULT_MAX_TOKENS_CAP})")
+    g.add_argument("--max-body-bytes", type=int, default=_int_env("MINIYAIE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+                   help=f"largest request body, page and API (default {DEFAULT_MAX_BODY_BYTES})")
+    g.add_argument("--max-session-requests", type=int,
+                   default=_int_env("MINIYAIE_MAX_SESSION_REQUESTS", DEFAULT_MAX_SESSION_REQUESTS),
+                   help=f"requests one browser tab may run at once (default {DEFAULT_MAX_SESSION_REQUESTS})")
+    g.add_argument("--api-max-concurrent-per-client", type=int, default=_int_env("MINIYAIE_API_MAX_CONCURRENT_PER_CLIENT", 0),
+                   help="API requests in flight per client IP (default 0 = off; behind a proxy all users share one IP)")
     return p.parse_args(argv)
 
 
-def _int_env(name: str) -> Optional[int]:
+def _int_env(name: str, default: Optional[int] = None) -> Optional[int]:
     value = _env(name)
-    return int(value) if value is not None else None
+    return int(value) if value is not None else default
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -76,7 +96,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, load_format=args.load_format, device=device, dtype=args.dtype,
                         num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        enable_prefix_cache=not args.no_prefix_cache, schedule_policy=args.policy)
+                        enable_prefix_cache=not args.no_prefix_cache, schedule_policy=args.policy,
+                        max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens or None,
+                        max_tokens_cap=args.max_tokens_cap or None)
 
 
 def get_engine_thread(config: EngineConfig) -> EngineThread:
@@ -89,7 +111,7 @@ def get_engine_thread(config: EngineConfig) -> EngineThread:
         return _STATE.engine_thread
 
 
-def _api(engine_thread: EngineThread, api_key: Optional[str] = None) -> FastAPI:
+def _api(engine_thread: EngineThread, api_key: Optional[str] = None, **limits) -> FastAPI:
     """The OpenAI-compatible API from miniyaie.server, or a bare app with /health until it exists."""
     try:
         from miniyaie.server import create_api
@@ -103,18 +125,22 @@ def _api(engine_thread: EngineThread, api_key: Optional[str] = None) -> FastAPI:
             return engine_thread.health()
 
         return app
-    return create_api(engine_thread, api_key=api_key)
+    return create_api(engine_thread, api_key=api_key, **limits)
 
 
-def build_app(engine_thread: EngineThread, api_key: Optional[str] = None) -> FastAPI:
+def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
+              max_body_bytes: Optional[int] = None, max_concurrent_per_client: Optional[int] = None,
+              max_session_requests: int = DEFAULT_MAX_SESSION_REQUESTS) -> FastAPI:
     """FastAPI app serving the API routes and the Gradio page at "/" (API routes win: they are
-    registered before the mount)."""
+    registered before the mount). The body-size cap wraps both. Gradio serves no files of ours:
+    no ``allowed_paths``; the stylesheet and script are inlined into the page."""
     import gradio as gr
 
     from ui import CSS_PATH, build_ui, page_js
 
-    app = _api(engine_thread, api_key)
-    blocks = build_ui(engine_thread)
+    app = _api(engine_thread, api_key, max_body_bytes=max_body_bytes,
+               max_concurrent_per_client=max_concurrent_per_client)
+    blocks = build_ui(engine_thread, max_session_requests=max_session_requests)
     theme = gr.themes.Soft(primary_hue="orange", neutral_hue="slate",
                            font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"])
     return gr.mount_gradio_app(app, blocks, path="/", css_paths=[CSS_PATH], js=page_js(), theme=theme,
@@ -126,7 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args = parse_args(argv)
     engine_thread = get_engine_thread(engine_config(args))
-    app = build_app(engine_thread, api_key=args.api_key)
+    app = build_app(engine_thread, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    max_concurrent_per_client=args.api_max_concurrent_per_client,
+                    max_session_requests=args.max_session_requests)
     print(f"[miniyaie] demo on http://{args.host}:{args.port}/  ·  API on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     try:

@@ -46,6 +46,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--policy", choices=["lpm", "fcfs"], default=None,
                    help="scheduling: longest prefix match (default) or first come first served")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--max-waiting", type=int, default=None, help="waiting-queue length before 429 (default 1024)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context)")
+    g.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens accepted (default: none)")
     return parser
 
 
@@ -57,6 +60,9 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         "num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
         "schedule_policy": args.policy, "num_threads": args.num_threads,
+        "max_waiting": getattr(args, "max_waiting", None),
+        "max_prompt_tokens": getattr(args, "max_prompt_tokens", None) or None,
+        "max_tokens_cap": getattr(args, "max_tokens_cap", None) or None,
     }
     settings = {k: v for k, v in given.items() if v is not None}
     if args.no_prefix_cache:
@@ -137,6 +143,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=os.environ.get("MINIYAIE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIYAIE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="model id the API reports and accepts")
+    g.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body; larger gets 413 (default: $MINIYAIE_MAX_BODY_BYTES or 1 MiB)")
+    g.add_argument("--api-max-concurrent-per-client", type=int, default=None,
+                   help="API requests in flight per client IP; more get 429 (default 0 = off)")
     return parser
 
 
@@ -160,7 +170,8 @@ def cmd_serve(args: argparse.Namespace, rest: list[str], raw: list[str]) -> int:
     from miniyaie.server import create_api
 
     engine_thread = EngineThread(_make_engine(args)).start()
-    app = create_api(engine_thread, api_key=args.api_key or None, model_name=args.served_model_name)
+    app = create_api(engine_thread, api_key=args.api_key or None, model_name=args.served_model_name,
+                     max_body_bytes=args.max_body_bytes, max_concurrent_per_client=args.api_max_concurrent_per_client)
     _say(f"serving the OpenAI-compatible API on http://{args.host}:{args.port}/v1")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -20,6 +20,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy"
     device: str = "auto"  # "cpu" | "cuda" | "auto"
     dtype: str = "auto"  # "float32" | "bfloat16" | "float16" | "auto"
+    quantization: Optional[str] = None  # None | "int8": dynamic int8 linears (CPU)
     attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on CUDA)
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: size the pool from memory
@@ -31,6 +32,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: Optional[int] = None  # None: the model's context length
     max_waiting: int = 1024  # queue length before add_request refuses (server: HTTP 429)
+    max_prompt_tokens: Optional[int] = None  # longest prompt accepted (None: the context length)
+    max_tokens_cap: Optional[int] = None  # largest max_tokens accepted (None: whatever fits the context)
     seed: int = 0  # dummy weights and unseeded sampling
     cache_dir: Optional[str] = None  # converted weights; default ~/.cache/miniyaie
     cuda_graphs: bool = True
@@ -47,6 +50,9 @@ class EngineConfig:
               "must be 'auto', 'cpu' or 'cuda'")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
               "must be 'auto', 'float32', 'bfloat16' or 'float16'")
+        check(self.quantization in (None, "int8"), "quantization", "must be None or 'int8'")
+        check(self.quantization is None or self.device in ("cpu", "auto"), "quantization",
+              "int8 runs on the CPU only (use dtype='bfloat16' on CUDA)")
         check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
               "must be 'auto', 'torch' or 'triton'")
         check(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
@@ -58,3 +64,5 @@ class EngineConfig:
         check(self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens",
               "must be at least one block")
         check(self.max_waiting >= 1, "max_waiting", "must be >= 1")
+        check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1 or None")
+        check(self.max_tokens_cap is None or self.max_tokens_cap >= 1, "max_tokens_cap", "must be >= 1 or None")

@@ -63,7 +63,13 @@ class Engine:
         """Queue a prompt (text, token ids or chat messages). Raises ValueError on bad input."""
         params = params or SamplingParams()
         params.validate()
+        cap, longest = self.config.max_tokens_cap, self.config.max_prompt_tokens
+        if cap is not None and params.max_tokens > cap:
+            raise ValueError(f"max_tokens={params.max_tokens} is over this server's cap of {cap}; ask for fewer tokens")
         token_ids = self.tokenize(prompt)
+        if longest is not None and len(token_ids) > longest:
+            raise ValueError(f"prompt is {len(token_ids)} tokens; this server accepts at most {longest} prompt "
+                             f"tokens. Shorten the prompt.")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens; the context holds {self.max_model_len} "
                              f"(prompt + max_tokens). Shorten the prompt.")

@@ -34,7 +34,10 @@ class RequestHandle:
 
     def _deliver(self, out: RequestOutput) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, out)
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, out)
+            except RuntimeError:  # the client's event loop is closed: nobody is left to tell
+                pass
         else:
             self._queue.put(out)
 
@@ -71,7 +74,9 @@ class EngineThread:
     The engine is not thread-safe, so every call into it happens under ``lock``: the loop holds
     it for one step at a time, and a submit waits at most one step. If a step raises past the
     engine's own per-batch handling, every open request fails with the error, ``health()``
-    reports it, and the loop keeps serving new requests.
+    reports it, and the loop keeps serving new requests. A failure the engine contains (a forward
+    pass raising fails only that step's batch) is reported the same way: ``health()`` says
+    "degraded" with ``last_error`` for ``ERROR_WINDOW_S``, then "ok" again.
     """
 
     ERROR_WINDOW_S = 30.0
@@ -99,7 +104,13 @@ class EngineThread:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
+        if not self._thread.is_alive():  # nobody will step again: no client may wait forever
+            for out in self._fail_all("the engine thread stopped"):
+                handle = self.handles.pop(out.request_id, None)
+                if handle is not None:
+                    handle._deliver(out)
 
     @property
     def alive(self) -> bool:
@@ -160,13 +171,14 @@ class EngineThread:
                         self.fault_hook()
                     outputs = self.engine.step()
                     self.steps += 1
+                    failed = next((o for o in outputs if o.finish_reason == "error"), None)
+                    if failed is not None:  # the engine failed one batch and went on: degraded
+                        self._record_error(failed.error or "engine step failed")
                     for out in outputs:
                         if out.finished:  # its blocks are already back; forget the request
                             self.engine.requests.pop(out.request_id, None)
             except Exception as err:  # keep serving: fail what was in flight, report, go on
-                self.error = f"{type(err).__name__}: {err}"
-                self.error_time = time.time()
-                self.num_errors += 1
+                self._record_error(f"{type(err).__name__}: {err}")
                 traceback.print_exc()
                 outputs = self._fail_all(self.error)
             for out in outputs:
@@ -175,6 +187,11 @@ class EngineThread:
                     if out.finished:
                         del self.handles[out.request_id]
                     handle._deliver(out)
+
+    def _record_error(self, message: str) -> None:
+        self.error = message
+        self.error_time = time.time()
+        self.num_errors += 1
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         with self.lock:

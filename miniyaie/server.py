@@ -38,6 +38,10 @@ from miniyaie.request import RequestOutput, SamplingParams, TokenChoice
 
 API_KEY_ENV = "MINIYAIE_API_KEY"
 MODEL_NAME_ENV = "MINIYAIE_SERVED_MODEL_NAME"
+MAX_BODY_BYTES_ENV = "MINIYAIE_MAX_BODY_BYTES"
+MAX_CONCURRENT_ENV = "MINIYAIE_API_MAX_CONCURRENT_PER_CLIENT"
+DEBUG_ROUTES_ENV = "MINIYAIE_DEBUG_ROUTES"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a full 8k-token prompt as text or ids is ~50 kB
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI-style servers clip to this
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -77,6 +81,90 @@ def _validation_error(err: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
     return APIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else
                     f"invalid request body: {first.get('msg', '')}", param=loc[0] if loc else None)
+
+
+# ---- limits --------------------------------------------------------------------------------------
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anything parses it —
+    at once when ``Content-Length`` says so; a chunked body is read here up to the cap (then
+    handed on whole), so an endless upload never reaches JSON parsing or Gradio's upload route."""
+
+    def __init__(self, app, max_bytes: int, on_refuse: Optional[Callable[[], None]] = None) -> None:
+        self.app, self.max_bytes, self.on_refuse = app, max_bytes, on_refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.max_bytes <= 0:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._refuse(scope, send, int(declared))
+            return await self.app(scope, receive, send)  # the server holds the client to its length
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # gone before the body was complete
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, send, size, exact=False)
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()  # later calls: disconnect detection
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope, send, size: int, exact: bool = True) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse()
+        got = f"{size} bytes" if exact else f"more than {self.max_bytes} bytes"
+        await APIError(413, f"request body is {got}; this server accepts at most {self.max_bytes} bytes",
+                       code="request_too_large").response()(scope, None, send)
+
+
+class ClientSlots:
+    """At most ``limit`` generation requests in flight per client (its IP address) on the API;
+    0 turns it off. One event loop touches it, so no lock. Behind a proxy every user shares
+    the proxy's address: leave it off there (the default)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def acquire(self, client: str) -> Callable[[], None]:
+        """Take a slot or raise 429; returns the (idempotent) release."""
+        if self.limit <= 0:
+            return lambda: None
+        held = self.open.get(client, 0)
+        if held >= self.limit:
+            raise APIError(429, f"this client already has {held} requests in flight (limit {self.limit} per "
+                                f"client); wait for one to finish", type="rate_limit_error",
+                           code="too_many_concurrent_requests", headers={"Retry-After": "1"})
+        self.open[client] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self.open.get(client, 1) - 1
+                if left > 0:
+                    self.open[client] = left
+                else:
+                    self.open.pop(client, None)
+
+        return release
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
 
 
 # ---- request bodies ----------------------------------------------------------------------------
@@ -285,6 +373,7 @@ class _Job:
     n: int
     arrival: float
     first_token: list[Optional[float]]
+    release: Callable[[], None] = lambda: None  # gives back the client's concurrency slot
 
     def prompt_usage(self) -> tuple[int, int]:
         """(prompt tokens, cached tokens), counting each prompt once however many choices it has."""
@@ -316,7 +405,9 @@ class _AbortOnExit(StreamingResponse):
 
 
 def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model_name: Optional[str] = None, *,
-               default_max_tokens: int = 1024, max_choices: int = 64, disconnect_poll_s: float = 0.5) -> FastAPI:
+               default_max_tokens: int = 1024, max_choices: int = 64, disconnect_poll_s: float = 0.5,
+               max_body_bytes: Optional[int] = None, max_concurrent_per_client: Optional[int] = None,
+               debug_routes: Optional[bool] = None) -> FastAPI:
     """Build the OpenAI-compatible app over a running EngineThread.
 
     ``api_key``: required as ``Authorization: Bearer <key>`` on ``/v1`` (``None`` reads
@@ -325,7 +416,13 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     ``config.model`` is accepted as an alias. The environment fallbacks let ``python -m miniyaie
     serve`` configure the API however app.py builds it. Limits:
     ``default_max_tokens`` when a request sets none (clipped to the context left),
-    ``max_choices`` engine requests per HTTP request (prompts × n).
+    ``max_choices`` engine requests per HTTP request (prompts × n); ``max_body_bytes`` per request
+    body on every route, the page's included (413; ``None`` reads ``$MINIYAIE_MAX_BODY_BYTES``, else
+    1 MiB; 0 = off); ``max_concurrent_per_client`` generation requests in flight per client IP on
+    ``/v1`` (429; ``None`` reads ``$MINIYAIE_API_MAX_CONCURRENT_PER_CLIENT``, else 0 = off). The
+    engine's own limits (``max_waiting``, ``max_prompt_tokens``, ``max_tokens_cap``) answer 429/400.
+    ``debug_routes`` (``None``: ``$MINIYAIE_DEBUG_ROUTES=1``) adds ``POST /debug/drain`` for soak
+    tests: clear the cache, check integrity, report blocks and locks. Never on a public server.
     """
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
@@ -335,11 +432,25 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
                os.path.basename(str(engine.config.model).rstrip("/"))}
     stats = ServerStats()
     created = int(time.time())
+    if max_body_bytes is None:
+        max_body_bytes = _env_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
+    if max_concurrent_per_client is None:
+        max_concurrent_per_client = _env_int(MAX_CONCURRENT_ENV, 0)
+    if debug_routes is None:
+        debug_routes = os.environ.get(DEBUG_ROUTES_ENV) == "1"
+    slots = ClientSlots(max_concurrent_per_client)
+    tokens_cap = engine.config.max_tokens_cap or default_max_tokens
 
     app = FastAPI(title="Mini-YAIE OpenAI-compatible API", version="0.1.0")
     app.state.engine_thread = engine_thread
     app.state.stats = stats
     app.state.served_model = served
+    app.state.client_slots = slots
+
+    def count_413() -> None:
+        stats.errors[413] = stats.errors.get(413, 0) + 1
+
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, on_refuse=count_413)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -384,12 +495,23 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
                 "max_model_len": engine.max_model_len}
 
     async def start(endpoint: str, body: _Body, prompts: list[Any], logprobs: Optional[int],
-                    max_tokens: Optional[int]) -> _Job:
+                    max_tokens: Optional[int], request: Request) -> _Job:
         """Validate, tokenize and submit every (prompt, choice); all or nothing."""
         stats.requests[endpoint] = stats.requests.get(endpoint, 0) + 1
         arrival = time.perf_counter()
         check_model(body.model)
         check_alive()
+        release = slots.acquire(request.client.host if request.client else "unknown")
+        try:
+            job = await submit_job(body, prompts, logprobs, max_tokens, arrival, endpoint)
+        except BaseException:
+            release()
+            raise
+        job.release = release
+        return job
+
+    async def submit_job(body: _Body, prompts: list[Any], logprobs: Optional[int], max_tokens: Optional[int],
+                         arrival: float, endpoint: str) -> _Job:
         if body.n < 1:
             raise APIError(400, f"n must be >= 1 (got {body.n})", param="n")
         if len(prompts) * body.n > max_choices:
@@ -421,7 +543,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
             try:
                 for ids in token_lists:
                     room = {} if max_tokens is not None else {
-                        "max_tokens": max(1, min(default_max_tokens, engine.max_model_len - len(ids)))}
+                        "max_tokens": max(1, min(default_max_tokens, tokens_cap, engine.max_model_len - len(ids)))}
                     for sp in params:  # a copy each: the engine keeps the object it was given
                         handles.append(engine_thread.submit(list(ids), dataclasses.replace(sp, **room), loop=loop))
             except BaseException as err:
@@ -437,14 +559,26 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
                 raise
             return handles
 
-        handles = await run_in_threadpool(submit_all)
+        submitting = asyncio.ensure_future(run_in_threadpool(submit_all))
+        try:
+            handles = await asyncio.shield(submitting)
+        except asyncio.CancelledError:  # the client left while we were queueing: abort what was queued
+            def abort_all(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    for h in done.result():
+                        loop.run_in_executor(None, engine_thread.abort, h.request_id)
+            submitting.add_done_callback(abort_all)
+            raise
         return _Job(handles, body.n, arrival, [None] * len(handles))
 
     def abort_unfinished(job: _Job) -> None:
         # engine_thread.abort is a no-op for finished requests; it waits at most one engine step
-        for h in job.handles:
-            if h.finish_reason is None:
-                engine_thread.abort(h.request_id)
+        try:
+            for h in job.handles:
+                if h.finish_reason is None:
+                    engine_thread.abort(h.request_id)
+        finally:
+            job.release()
 
     async def outputs(job: _Job, request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Merge the job's output queues; raise _ClientGone as soon as the client has left."""
@@ -523,7 +657,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         elif body.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = await start("chat", body, [_chat_prompt(body.messages)], top, max_tokens)
+        job = await start("chat", body, [_chat_prompt(body.messages)], top, max_tokens, request)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return _AbortOnExit(chat_stream(job, body, request, rid, now), lambda: abort_unfinished(job))
@@ -576,7 +710,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         want_logprobs = body.logprobs is not None
         job = await start("completions", body, _completion_prompts(body.prompt), body.logprobs,
-                          body.max_tokens)
+                          body.max_tokens, request)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return _AbortOnExit(completion_stream(job, body, request, rid, now, want_logprobs),
@@ -625,6 +759,28 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
         state = engine_thread.health()
         # "degraded" (a step failed recently, the loop goes on) still serves: only "stopped" is down
         return JSONResponse(state, status_code=503 if state["status"] == "stopped" else 200)
+
+    if debug_routes:
+        @app.post("/debug/drain")
+        async def debug_drain() -> dict[str, Any]:
+            """Soak tests only: clear the prefix cache, then report what is still held."""
+            def drain(e) -> dict[str, Any]:
+                freed = e.clear_cache()
+                try:
+                    e.check_integrity()
+                    integrity = "ok"
+                except AssertionError as err:
+                    integrity = f"broken: {err}"
+                kv = e.runner.kv
+                return {"freed_blocks": freed, "free_blocks": kv.num_free_blocks, "num_blocks": kv.num_blocks,
+                        "nonzero_ref_counts": sum(1 for c in kv.ref_counts if c),
+                        "locked_nodes": sum(1 for n in e.scheduler.tree.nodes() if n.lock_ref),
+                        "tree_blocks": e.scheduler.tree.num_blocks, "running": len(e.scheduler.running),
+                        "waiting": len(e.scheduler.waiting), "requests": len(e.requests),
+                        "handles": len(engine_thread.handles), "integrity": integrity,
+                        "preemptions": e.scheduler.num_preemptions,
+                        "evicted_blocks": e.telemetry.counters.evicted_blocks}
+            return await run_in_threadpool(engine_thread.call, drain)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
+from html import escape
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -17,7 +19,7 @@ from miniyaie.engine_thread import EngineThread
 from miniyaie.request import SamplingParams
 from ui.lanes import EMPTY_LANE, lane_html, scenario_summary_html
 from ui.live import ViewCache
-from ui.runs import NUM_LANES, ConversationRun, Session, Sessions
+from ui.runs import NUM_LANES, ConversationRun, Session, Sessions, friendly_error
 from ui.sampling_view import probability_legend_html
 from ui.scenarios import SCENARIOS, SCENARIOS_BY_KEY, Conversation, ScenarioContext
 
@@ -26,6 +28,8 @@ CSS_PATH = ASSETS / "style.css"
 JS_PATH = ASSETS / "app.js"
 POLL_SECONDS = 0.2  # lanes re-render at most 5 times a second
 REFRESH_SECONDS = 0.5  # live views: 2 refreshes a second, skipped when nothing changed
+HEARTBEAT_SECONDS = 1.0  # a stream yields at least this often: Gradio notices a closed tab only at a yield
+MAX_SESSION_REQUESTS = 32  # requests one tab may run at once (a scenario's conversations count)
 
 DEFAULT_PROMPTS = (
     "Write a short poem about a robot learning to paint.",
@@ -76,8 +80,9 @@ def _content_text(content: Any) -> str:
 class DemoUI:
     """Builds the Blocks page for one EngineThread and holds what its handlers share."""
 
-    def __init__(self, engine_thread: EngineThread) -> None:
+    def __init__(self, engine_thread: EngineThread, max_session_requests: int = MAX_SESSION_REQUESTS) -> None:
         self.engine_thread = engine_thread
+        self.max_session_requests = max_session_requests
         self.views = ViewCache(engine_thread.snapshot, engine_thread.health)
         self.sessions = Sessions()
         self.eos_ids: set[int] = set(getattr(engine_thread.engine, "eos_token_ids", set()))
@@ -88,12 +93,27 @@ class DemoUI:
         key = getattr(request, "session_hash", None) or "anonymous"
         return self.sessions.get(key)
 
+    async def _submit(self, prompt, params: SamplingParams):
+        """Submit from a worker thread (a submit waits up to one engine step). If this event is
+        cancelled meanwhile (tab closed), the request is aborted as soon as it exists."""
+        submitting = asyncio.ensure_future(asyncio.to_thread(
+            self.engine_thread.submit, prompt, params, asyncio.get_running_loop()))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            def abort(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    asyncio.get_running_loop().run_in_executor(None, done.result().abort)
+            submitting.add_done_callback(abort)
+            raise
+
     async def _watch(self, session: Session, owned: dict[int, ConversationRun],
                      summary: Optional[tuple[str, list[ConversationRun]]] = None) -> AsyncIterator[tuple]:
         """Yield (lane 0..3 html, [summary]) until every owned run finished; a lane taken over by a
         newer run is left alone (gr.skip)."""
         last: dict[int, str] = {}
         last_summary = None
+        last_yield = time.monotonic()
         while True:
             finished = all(run.finished for run in owned.values()) and (
                 summary is None or all(r.finished for r in summary[1]))
@@ -116,7 +136,10 @@ class DemoUI:
                 changed |= html != last_summary
                 outs.append(html if html != last_summary else gr.skip())
                 last_summary = html
-            if changed or finished:
+            # yield now and then even when nothing changed (all skips): only at a yield does Gradio
+            # find out that the tab is gone and close this generator (whose finally aborts)
+            if changed or finished or time.monotonic() - last_yield >= HEARTBEAT_SECONDS:
+                last_yield = time.monotonic()
                 yield tuple(outs)
             if finished:
                 return
@@ -136,12 +159,16 @@ class DemoUI:
         old = session.lanes[lane]
         if old is not None:
             old.stop()
+        refused = session.refuse(1, self.max_session_requests)
+        if refused:
+            yield f'<div class="lane-error">{escape(refused)}</div>'
+            return
         run = ConversationRun(self.engine_thread, Conversation(f"lane {lane + 1}", (prompt,)), params).start()
         session.lanes[lane] = run
         try:
-            async for outs in self._watch(session, {lane: run}):
-                if not isinstance(outs[lane], dict):  # gr.skip() is an update dict
-                    yield outs[lane]
+            async with aclosing(self._watch(session, {lane: run})) as updates:
+                async for outs in updates:
+                    yield outs[lane]  # html, or gr.skip() (a heartbeat)
         finally:
             if not run.finished:  # page closed or event cancelled: free the blocks
                 run.stop()
@@ -163,7 +190,12 @@ class DemoUI:
         except ValueError as err:
             yield tuple([gr.skip()] * NUM_LANES + [f'<div class="lane-error">{err}</div>'])
             return
-        runs = [ConversationRun(self.engine_thread, conv, params) for conv in scenario.build(ctx)]
+        conversations = scenario.build(ctx)
+        refused = session.refuse(len(conversations), self.max_session_requests)
+        if refused:
+            yield tuple([gr.skip()] * NUM_LANES + [f'<div class="lane-error">{escape(refused)}</div>'])
+            return
+        runs = [ConversationRun(self.engine_thread, conv, params) for conv in conversations]
         session.scenario = runs
         for i in range(NUM_LANES):
             session.lanes[i] = runs[i] if i < len(runs) else None
@@ -171,8 +203,9 @@ class DemoUI:
             run.start()
         owned = {i: runs[i] for i in range(min(NUM_LANES, len(runs)))}
         try:
-            async for outs in self._watch(session, owned, (scenario.title, runs)):
-                yield outs
+            async with aclosing(self._watch(session, owned, (scenario.title, runs))) as updates:
+                async for outs in updates:
+                    yield outs
         finally:
             if not all(r.finished for r in runs):
                 for run in runs:
@@ -183,23 +216,31 @@ class DemoUI:
 
     # ---- chat -----------------------------------------------------------------------------------
 
-    async def chat(self, message: str, history: list, max_tokens, temperature, top_k, top_p, seed
-                   ) -> AsyncIterator[tuple[str, list]]:
+    async def chat(self, message: str, history: list, max_tokens, temperature, top_k, top_p, seed,
+                   request: gr.Request = None) -> AsyncIterator[tuple[str, list]]:
         if not message or not message.strip():
             yield "", history
             return
+        session = self._session(request)
         messages = [{"role": m["role"], "content": _content_text(m["content"])} for m in history or []]
         messages.append({"role": "user", "content": message})
         history = [*messages, {"role": "assistant", "content": "…"}]
         yield "", history
-        try:
-            params = sampling_params(max_tokens, temperature, top_k, top_p, seed)
-            handle = await asyncio.to_thread(self.engine_thread.submit, messages, params, asyncio.get_running_loop())
-        except Exception as err:
-            history[-1] = {"role": "assistant", "content": f"⚠️ {type(err).__name__}: {err}"}
+        refused = session.refuse(1, self.max_session_requests)
+        if refused:
+            history[-1] = {"role": "assistant", "content": f"⚠️ {refused}"}
             yield "", history
             return
+        session.other += 1
+        handle = None
         try:
+            try:
+                params = sampling_params(max_tokens, temperature, top_k, top_p, seed)
+                handle = await self._submit(messages, params)
+            except Exception as err:
+                history[-1] = {"role": "assistant", "content": f"⚠️ {friendly_error(err)}"}
+                yield "", history
+                return
             async for _ in handle:
                 history[-1] = {"role": "assistant", "content": handle.text}
                 yield "", history
@@ -209,7 +250,8 @@ class DemoUI:
             history[-1] = {"role": "assistant", "content": handle.text + note}
             yield "", history
         finally:
-            if handle.finish_reason is None:
+            session.other -= 1
+            if handle is not None and handle.finish_reason is None:  # tab closed or event cancelled
                 handle.abort()
 
     # ---- engine controls and live views -----------------------------------------------------------
@@ -237,17 +279,28 @@ class DemoUI:
 
     # ---- API endpoints for scripts and tests (gradio_client) ------------------------------------
 
-    async def api_generate(self, prompt: str, max_tokens: float, temperature: float, seed: float
-                           ) -> AsyncIterator[tuple[str, str, str]]:
-        """Stream (request id, text so far, finish reason or "")."""
-        params = sampling_params(max_tokens, temperature, 0, 1.0, seed)
-        handle = await asyncio.to_thread(self.engine_thread.submit, prompt, params, asyncio.get_running_loop())
+    async def api_generate(self, prompt: str, max_tokens: float, temperature: float, seed: float,
+                           request: gr.Request = None) -> AsyncIterator[tuple[str, str, str]]:
+        """Stream (request id, text so far, finish reason or ""). Refusals raise gr.Error with the
+        reason (gradio_client raises it as AppError)."""
+        session = self._session(request)
+        refused = session.refuse(1, self.max_session_requests)
+        if refused:
+            raise gr.Error(refused, print_exception=False)
+        session.other += 1
+        handle = None
         try:
+            try:
+                params = sampling_params(max_tokens, temperature, 0, 1.0, seed)
+                handle = await self._submit(prompt, params)
+            except Exception as err:
+                raise gr.Error(friendly_error(err), print_exception=False) from None
             yield handle.request_id, "", ""
             async for _ in handle:
                 yield handle.request_id, handle.text, handle.finish_reason or ""
         finally:
-            if handle.finish_reason is None:
+            session.other -= 1
+            if handle is not None and handle.finish_reason is None:  # client gone or cancelled
                 handle.abort()
 
     def api_abort(self, request_id: str) -> str:
@@ -297,7 +350,8 @@ class DemoUI:
                 c["top_k"] = gr.Slider(0, 100, value=40, step=1, label="top-k", info="0 = off")
                 c["top_p"] = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top-p")
             with gr.Row():
-                c["max_tokens"] = gr.Slider(1, 512, value=48, step=1, label="max tokens")
+                cap = self.engine_thread.engine.config.max_tokens_cap or 512
+                c["max_tokens"] = gr.Slider(1, min(512, cap), value=min(48, cap), step=1, label="max tokens")
                 c["seed"] = gr.Number(value=-1, precision=0, label="seed", info="-1 = random")
         c["params"] = [c["max_tokens"], c["temperature"], c["top_k"], c["top_p"], c["seed"]]
         return c
@@ -324,8 +378,11 @@ class DemoUI:
     def _lane_handlers(self, lane: int):
         """Handlers bound to one lane (explicit parameters: Gradio maps inputs by position)."""
         async def go(prompt, max_tokens, temperature, top_k, top_p, seed, request: gr.Request):
-            async for html in self.run_lane(lane, prompt, max_tokens, temperature, top_k, top_p, seed, request):
-                yield html
+            # aclosing: when Gradio closes this generator (tab gone), run_lane's finally runs now
+            async with aclosing(self.run_lane(lane, prompt, max_tokens, temperature, top_k, top_p, seed,
+                                              request)) as updates:
+                async for html in updates:
+                    yield html
 
         def halt(request: gr.Request) -> None:
             self.stop_lane(lane, request)
@@ -334,8 +391,10 @@ class DemoUI:
 
     def _scenario_handler(self, key: str):
         async def fire(max_tokens, temperature, top_k, top_p, seed, request: gr.Request):
-            async for outs in self.run_scenario(key, max_tokens, temperature, top_k, top_p, seed, request):
-                yield outs
+            async with aclosing(self.run_scenario(key, max_tokens, temperature, top_k, top_p, seed,
+                                                  request)) as updates:
+                async for outs in updates:
+                    yield outs
 
         return fire
 
@@ -403,9 +462,10 @@ class DemoUI:
         abort.click(self.api_abort, inputs=rid, outputs=rid, api_name="abort", concurrency_limit=None)
 
 
-def build_ui(engine_thread: EngineThread) -> gr.Blocks:
-    """The Blocks page for an engine thread (mount it with ``css_paths=CSS_PATH, js=page_js()``)."""
-    return DemoUI(engine_thread).build()
+def build_ui(engine_thread: EngineThread, max_session_requests: int = MAX_SESSION_REQUESTS) -> gr.Blocks:
+    """The Blocks page for an engine thread (mount it with ``css_paths=CSS_PATH, js=page_js()``).
+    ``max_session_requests``: engine requests one tab (Gradio session) may run at once; 0 = no limit."""
+    return DemoUI(engine_thread, max_session_requests).build()
 
 
 def page_js() -> str:

@@ -7,11 +7,22 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from miniyaie.engine import QueueFull
 from miniyaie.engine_thread import EngineThread, RequestHandle
 from miniyaie.request import SamplingParams
 from ui.scenarios import Conversation
 
 NUM_LANES = 4
+
+
+def friendly_error(err: Exception) -> str:
+    """What the page says when the engine refuses a request."""
+    if isinstance(err, QueueFull):
+        return ("The server is busy: too many requests are waiting already. Please try again in a few "
+                f"seconds. ({err})")
+    if isinstance(err, ValueError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 class ConversationRun:
@@ -56,7 +67,7 @@ class ConversationRun:
                     break
                 self.history.append((user, reply))
         except Exception as err:  # bad input or a full queue: show it in the lane
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = friendly_error(err)
         finally:
             self.done.set()
 
@@ -70,6 +81,11 @@ class ConversationRun:
     def finished(self) -> bool:
         return self.done.is_set()
 
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) an engine request: started, not stopped, not finished."""
+        return not self._stopped and not self.done.is_set()
+
 
 @dataclass
 class Session:
@@ -77,6 +93,20 @@ class Session:
 
     lanes: list[Optional[ConversationRun]] = field(default_factory=lambda: [None] * NUM_LANES)
     scenario: list[ConversationRun] = field(default_factory=list)
+    other: int = 0  # chat turns and /generate calls in flight
+
+    def active(self) -> int:
+        """Engine requests this tab has running (each conversation sends one turn at a time)."""
+        runs = {id(r): r for r in [*self.lanes, *self.scenario] if r is not None}
+        return sum(r.active for r in runs.values()) + self.other
+
+    def refuse(self, wanted: int, limit: int) -> Optional[str]:
+        """None if ``wanted`` more requests fit under ``limit`` (0 = no limit), else the reason."""
+        running = self.active()
+        if limit <= 0 or running + wanted <= limit:
+            return None
+        return (f"Too many requests from this tab: {running} running and {wanted} more asked for, but one "
+                f"visitor may run at most {limit} at once. Wait for some to finish or press Stop all.")
 
     def stop_all(self) -> None:
         for run in [*self.lanes, *self.scenario]:

@@ -1,9 +1,11 @@
 """ForwardBatch: the per-step metadata every attention layer reads (built once per step)."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -51,34 +53,32 @@ class ForwardBatch:
         """Lay out a step: sequence ``i`` feeds ``token_ids[i]`` after ``prefix_lens[i]`` tokens
         already in its blocks. Callers order extends (more than one token) before decodes.
         ``sample[i]`` says whether sequence ``i`` needs logits for its last token."""
-        q_lens = [len(t) for t in token_ids]
-        num_extends = sum(1 for n in q_lens if n > 1)
-        if any(n > 1 for n in q_lens[num_extends:]):
+        q_lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+        num_extends = int((q_lens > 1).sum())
+        if (q_lens[num_extends:] > 1).any():
             raise ValueError("extend sequences must come before decode sequences")
-        flat_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        for ids, start, table, wants_logits in zip(token_ids, prefix_lens, block_tables, sample):
-            flat_ids.extend(ids)
-            for pos in range(start, start + len(ids)):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            if wants_logits:
-                logits_indices.append(len(flat_ids) - 1)
-        seq_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
-        width = max((len(t) for t in block_tables), default=1) or 1
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
+        starts = np.asarray(prefix_lens, dtype=np.int64)
+        seq_lens = starts + q_lens
+        cu = np.zeros(len(q_lens) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        # one padded [B, W] table; rows copied from the requests' lists (the only per-sequence loop)
+        width = max(max((len(t) for t in block_tables), default=1), 1)
+        tables = np.zeros((len(block_tables), width), dtype=np.int64)
+        for row, table in zip(tables, block_tables):
+            row[:len(table)] = table
+        # every new token's position and the slot its K/V goes to, vectorised
+        seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+        positions = starts[seq_of_token] + (np.arange(int(cu[-1])) - cu[:-1][seq_of_token])
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        logits_indices = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
+        flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(cu[-1]))
 
-        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        def on_device(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(values).to(device=device, dtype=dtype, non_blocking=True)
 
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-        q_lens_t = torch.tensor(q_lens, dtype=torch.int32)
-        cu_t = torch.tensor(cu, dtype=torch.int32)
+        seq_lens_t = torch.from_numpy(seq_lens.astype(np.int32))
+        q_lens_t = torch.from_numpy(q_lens.astype(np.int32))
+        cu_t = torch.from_numpy(cu.astype(np.int32))
         on_cpu = torch.device(device).type == "cpu"
         return cls(
             input_ids=on_device(flat_ids, torch.int64),
@@ -87,7 +87,7 @@ class ForwardBatch:
             q_lens=q_lens_t,
             seq_lens=seq_lens_t,
             cu_q_lens=cu_t,
-            block_tables=on_device(padded, torch.int32).view(len(padded), width),
+            block_tables=on_device(tables, torch.int32),
             num_extends=num_extends,
             logits_indices=on_device(logits_indices, torch.int64),
             block_size=block_size,
