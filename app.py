@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from miniyaie import Engine, EngineConfig
 from miniyaie.engine_thread import EngineThread
+from miniyaie.server import create_api
 
 # Limits for a shared public demo (README "Reliability"); each has a flag and a MINIYAIE_* variable.
 DEFAULT_MAX_WAITING = 256  # waiting-queue length; over it: HTTP 429 + Retry-After, a message in the page
@@ -111,23 +112,6 @@ def get_engine_thread(config: EngineConfig) -> EngineThread:
         return _STATE.engine_thread
 
 
-def _api(engine_thread: EngineThread, api_key: Optional[str] = None, **limits) -> FastAPI:
-    """The OpenAI-compatible API from miniyaie.server, or a bare app with /health until it exists."""
-    try:
-        from miniyaie.server import create_api
-    except ModuleNotFoundError as err:
-        if err.name != "miniyaie.server":
-            raise
-        app = FastAPI(title="Mini-YAIE")
-
-        @app.get("/health")
-        def health() -> dict:
-            return engine_thread.health()
-
-        return app
-    return create_api(engine_thread, api_key=api_key, **limits)
-
-
 def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
               max_body_bytes: Optional[int] = None, max_concurrent_per_client: Optional[int] = None,
               max_session_requests: int = DEFAULT_MAX_SESSION_REQUESTS) -> FastAPI:
@@ -138,8 +122,8 @@ def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
 
     from ui import CSS_PATH, build_ui, page_js
 
-    app = _api(engine_thread, api_key, max_body_bytes=max_body_bytes,
-               max_concurrent_per_client=max_concurrent_per_client)
+    app = create_api(engine_thread, api_key=api_key, max_body_bytes=max_body_bytes,
+                     max_concurrent_per_client=max_concurrent_per_client)
     blocks = build_ui(engine_thread, max_session_requests=max_session_requests)
     theme = gr.themes.Soft(primary_hue="orange", neutral_hue="slate",
                            font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"])
@@ -147,11 +131,20 @@ def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
                                footer_links=["api"], ssr_mode=False)
 
 
+def _import_page() -> None:
+    import gradio  # noqa: F401
+    import ui  # noqa: F401
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
+    # Importing Gradio and the page takes seconds on 2 cores: do it while the model loads.
+    page_import = threading.Thread(target=_import_page, name="import-page", daemon=True)
+    page_import.start()
     engine_thread = get_engine_thread(engine_config(args))
+    page_import.join()
     app = build_app(engine_thread, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                     max_concurrent_per_client=args.api_max_concurrent_per_client,
                     max_session_requests=args.max_session_requests)
