@@ -11,7 +11,11 @@ in ``~/.cache/miniyaie``).
 from __future__ import annotations
 
 import os
-from typing import Callable
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -141,6 +145,33 @@ def assert_drained(engine: Engine) -> None:
     assert all(c == 0 for c in kv.ref_counts)
     assert all(node.lock_ref == 0 for node in engine.scheduler.tree.nodes())
     assert engine.scheduler.tree.num_blocks == 0
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(app, log_level: str = "warning") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free 127.0.0.1 port, in a thread; yields its base URL.
+    On exit the server stops without waiting for open streaming connections."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 60, "uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = server.force_exit = True
+        thread.join(10)
 
 
 def pytest_report_header(config):

@@ -3,12 +3,12 @@ app driven through ``gradio_client`` against a tiny random-weight engine on 127.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 
+from conftest import serving
 from miniyaie.request import TokenChoice
 from miniyaie.telemetry import (BlockView, EngineSnapshot, EvictedNodeView, MetricSample, MetricsView,
                                 RequestView, StepView, TreeNodeView)
@@ -171,17 +171,9 @@ def test_build_views_is_fast():
 # ---- the served app ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_loaded):
     """(url, engine_thread): the real app (page + API) on a free local port, over a tiny engine."""
-    import uvicorn
-
     from app import build_app
     from miniyaie import Engine, EngineConfig
     from miniyaie.engine_thread import EngineThread
@@ -190,18 +182,8 @@ def served(tiny_loaded):
     engine = Engine(EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", block_size=4,
                                  num_blocks=512, attention_backend="torch"), loaded=loaded)
     engine_thread = EngineThread(engine).start()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine_thread, api_key=""), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/", engine_thread
-    server.should_exit = server.force_exit = True  # do not wait for open streaming connections
-    thread.join(10)
+    with serving(build_app(engine_thread, api_key="")) as url:
+        yield url + "/", engine_thread
     engine_thread.stop()
 
 

@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import assert_drained
+from conftest import assert_drained, serving, wait_until
 from miniyaie import Engine, EngineConfig, SamplingParams
 from miniyaie.engine import QueueFull
 from miniyaie.engine_thread import EngineThread
@@ -35,13 +34,6 @@ MAX_PROMPT, MAX_TOKENS_CAP, MAX_BODY, SESSION_LIMIT = 64, 64, 4096, 3
 
 def _greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
-
-
-def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # ---- limits in the engine -------------------------------------------------------------------------
@@ -192,12 +184,6 @@ def test_tiny_pool_forces_eviction_and_preemption_outputs_still_match(make_engin
 # ---- the served app ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
     def __init__(self, url: str, thread: EngineThread, app) -> None:
         self.url, self.thread, self.app = url, thread, app
@@ -212,7 +198,7 @@ class Served:
             self.thread.fault_hook = None
 
     def idle(self) -> None:
-        _wait(lambda: not self.thread.handles and not self.thread.engine.has_unfinished, what="engine idle")
+        wait_until(lambda: not self.thread.handles and not self.thread.engine.has_unfinished, what="engine idle")
 
     def drained(self) -> None:
         self.idle()
@@ -221,8 +207,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_loaded):
-    import uvicorn
-
     from app import build_app
 
     loaded = tiny_loaded("llama")
@@ -232,14 +216,8 @@ def served(tiny_loaded):
     thread = EngineThread(engine).start()
     app = build_app(thread, api_key=SECRET, max_body_bytes=MAX_BODY, max_concurrent_per_client=0,
                     max_session_requests=SESSION_LIMIT)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info"))
-    runner = threading.Thread(target=server.run, daemon=True)
-    runner.start()
-    _wait(lambda: server.started, 60, "uvicorn")
-    yield Served(f"http://127.0.0.1:{port}", thread, app)
-    server.should_exit = server.force_exit = True
-    runner.join(10)
+    with serving(app, log_level="info") as url:  # info: the secret-in-logs test reads the access log
+        yield Served(url, thread, app)
     thread.stop()
 
 
@@ -338,7 +316,7 @@ def test_page_session_concurrency_limit(served, gradio_client):
 
     with served.slow_steps():
         jobs = [gradio_client.submit(f"job {i}", 60, 0.0, -1, api_name="/generate") for i in range(SESSION_LIMIT)]
-        _wait(lambda: all(j.outputs() for j in jobs), what="requests admitted")
+        wait_until(lambda: all(j.outputs() for j in jobs), what="requests admitted")
         with pytest.raises(AppError, match=f"at most {SESSION_LIMIT} at once"):
             gradio_client.predict("one too many", 4, 0.0, -1, api_name="/generate")
         outs = gradio_client.predict(8, 0.0, 0, 1.0, -1, api_name="/scenario_shared_system")

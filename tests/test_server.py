@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 import uuid
@@ -17,9 +16,9 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
+from conftest import serving
 from miniyaie import Engine, EngineConfig
 from miniyaie.engine_thread import EngineThread
 from miniyaie.server import create_api
@@ -42,30 +41,14 @@ class Served:
         return self.thread.call(fn)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_loaded):
     loaded = tiny_loaded("llama")
     engine = Engine(EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", block_size=16,
                                  num_blocks=512, attention_backend="torch"), loaded=loaded)
     thread = EngineThread(engine).start()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_api(thread, api_key=API_KEY, model_name=MODEL),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    runner = threading.Thread(target=server.run, daemon=True)
-    runner.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield Served(thread, f"http://127.0.0.1:{port}")
-    server.should_exit = True
-    runner.join(10)
+    with serving(create_api(thread, api_key=API_KEY, model_name=MODEL)) as url:
+        yield Served(thread, url)
     thread.stop()
 
 
