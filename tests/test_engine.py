@@ -526,3 +526,15 @@ def test_snapshot_shows_shared_prefix_and_batching(make_engine):
     print(f"\nsnapshot: {len(snap.tree)} nodes, {len(snap.blocks)} blocks, "
           f"built in {(time.perf_counter() - start) * 1e3:.2f} ms")
     assert_drained(engine)
+
+
+def test_engine_imports_without_ui_code():
+    """The engine is a library: importing it (and the server) pulls in no Gradio or UI code."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import miniyaie, miniyaie.engine_thread, miniyaie.server; "
+            "bad = [m for m in sys.modules if m == 'gradio' or m.startswith(('gradio.', 'ui.', 'plotly'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
