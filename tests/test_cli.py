@@ -100,8 +100,11 @@ def test_chat_repl_keeps_the_conversation(tiny_model_dir, monkeypatch, capsys):
 
 def test_serve_hands_flags_to_app_main(monkeypatch):
     seen = {}
-    monkeypatch.delenv("MINIYAIE_API_KEY", raising=False)  # restored (unset) after the test
-    monkeypatch.delenv("MINIYAIE_SERVED_MODEL_NAME", raising=False)
+    for name in ("MINIYAIE_API_KEY", "MINIYAIE_SERVED_MODEL_NAME"):
+        # setenv first so monkeypatch records the original state and restores it after the test
+        # (a bare delenv of an absent variable records nothing, and serve's values would leak)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setattr(cli, "_load_app", lambda: lambda argv: seen.update(argv=argv))
     rc = cli.main(["serve", "--port", "9", "--api-key", "s3cret", "--served-model-name", "tiny",
                    "--model", "m", "--share"])
