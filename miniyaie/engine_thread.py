@@ -164,6 +164,8 @@ class EngineThread:
             if not self.engine.has_unfinished and not self.engine._pending:
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
+                with self.lock:
+                    self.engine.telemetry.on_idle()
                 continue
             try:
                 with self.lock:

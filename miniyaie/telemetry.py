@@ -216,6 +216,23 @@ class Telemetry:
             self.history.append(MetricSample(now, m.tokens_per_s, m.kv_usage, m.running, m.waiting, m.cache_hit_rate))
         self.touch()
 
+    def on_idle(self) -> None:
+        """While nothing runs, keep time moving for the views: throughput falls to zero on the
+        charts, and "new" / "hit" / evicted markings fade, instead of freezing at the last step."""
+        now = time.time()
+        last = self.history[-1] if self.history else None
+        if last is None or now - last.time < 1.0:
+            return
+        m = self._metrics(now)
+        if last.tokens_per_s > 0 or m.tokens_per_s > 0 or self._recent_marks(now):
+            self.history.append(MetricSample(now, m.tokens_per_s, m.kv_usage, m.running, m.waiting, m.cache_hit_rate))
+            self.touch()
+
+    def _recent_marks(self, now: float) -> bool:
+        """Whether some node or eviction is still drawn as recent (and so will change colour)."""
+        marks = [t for _, t in self._node_state_time.values()] + [t for t, _ in self._evicted]
+        return any(now - t <= 2 * self.RECENT + 1.0 for t in marks)
+
     def _collect_tree_events(self, now: float) -> None:
         tree = self.engine.scheduler.tree
         for event in tree.events_since(self._last_tree_tick):
@@ -225,6 +242,8 @@ class Telemetry:
             elif event.kind in ("inserted", "hit"):
                 self._node_state_time[event.node_id] = ("new" if event.kind == "inserted" else "hit", now)
         self._last_tree_tick = tree.tick
+        if len(self._node_state_time) > 4 * MAX_NODES:  # forget marks long faded (bounded memory)
+            self._node_state_time = {k: v for k, v in self._node_state_time.items() if now - v[1] <= self.RECENT}
 
     # ---- building snapshots ------------------------------------------------------------------------
 
