@@ -131,20 +131,11 @@ def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
                                footer_links=["api"], ssr_mode=False)
 
 
-def _import_page() -> None:
-    import gradio  # noqa: F401
-    import ui  # noqa: F401
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import uvicorn
 
     args = parse_args(argv)
-    # Importing Gradio and the page takes seconds on 2 cores: do it while the model loads.
-    page_import = threading.Thread(target=_import_page, name="import-page", daemon=True)
-    page_import.start()
     engine_thread = get_engine_thread(engine_config(args))
-    page_import.join()
     app = build_app(engine_thread, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                     max_concurrent_per_client=args.api_max_concurrent_per_client,
                     max_session_requests=args.max_session_requests)

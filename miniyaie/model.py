@@ -81,7 +81,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama 3's long-context scaling if set."""
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
@@ -107,7 +107,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(args.max_position_embeddings, dtype=torch.float32), rope_inv_freq(args))
+        # computed on the CPU even while the model is built on the meta device (tables, not weights)
+        positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, rope_inv_freq(args))
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
@@ -178,7 +180,10 @@ class LlamaFamilyModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # an explicit (uninitialised) weight skips Embedding's random init: weights are loaded
+        # afterwards anyway, and on the meta device that init pulls in torch._dynamo (~0.7 s)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args)
