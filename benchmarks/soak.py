@@ -25,13 +25,11 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -475,7 +473,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             server.kill()
 
     generated = after.get("miniyaie_generation_tokens_total", 0) - before.get("miniyaie_generation_tokens_total", 0)
-    finished = sum(v for k, v in after.items() if k.startswith("miniyaie_choices_finished_total"))
     valid_total = sum(stats.valid.values())
     failed = len(stats.failed)
     bad_total = sum(stats.bad.values()) + len(stats.bad_wrong)

@@ -33,7 +33,3 @@ class IncrementalDetokenizer:
             self.text += new
             return new
         return ""
-
-    def token_text(self, token_id: int) -> str:
-        """How one token reads on its own (for the distribution view)."""
-        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)])

@@ -4,8 +4,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
-from collections import deque
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -302,12 +301,6 @@ class Engine:
         return GenerationOutput(r.request_id, r.prompt_token_ids, r.output_token_ids,
                                 r.detokenizer.text if r.detokenizer else "", r.finish_reason,
                                 r.num_cached_tokens, r.choices, r.metrics, r.error)
-
-    def forget_finished(self, request_ids: Iterable[str]) -> None:
-        for rid in request_ids:
-            r = self.requests.get(rid)
-            if r is not None and r.status == RequestStatus.FINISHED:
-                del self.requests[rid]
 
     def clear_cache(self) -> int:
         """Drop every unlocked prefix from the radix tree; returns the blocks freed."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 from miniyaie.config import EngineConfig
 from miniyaie.kv_cache import KVCacheManager

@@ -3,7 +3,6 @@ app driven through ``gradio_client`` against a tiny random-weight engine on 127.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest

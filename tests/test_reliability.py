@@ -9,10 +9,7 @@ flight on purpose, tests slow every engine step through ``EngineThread.fault_hoo
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import logging
-import threading
 import time
 import uuid
 from contextlib import contextmanager
