@@ -82,16 +82,22 @@ def test_block_map_shows_shared_blocks_while_running(served, browser):  # noqa: 
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.goto(url)
     page.wait_for_selector("#blocks-info #blocks-shared", timeout=60_000)
-    page.click("#scenario-shared_system")
-    seen = {"shared": 0}
+    # The tiny model finishes a scenario in well under a second on a fast machine, and shared
+    # blocks exist only while requests run: slow every step so the page's refresh sees them.
+    engine_thread.fault_hook = lambda: time.sleep(0.05)
+    try:
+        page.click("#scenario-shared_system")
+        seen = {"shared": 0}
 
-    def shared_now() -> bool:
-        seen["shared"] = max(seen["shared"], _int(page, "#blocks-shared"))
-        return seen["shared"] >= 1
+        def shared_now() -> bool:
+            seen["shared"] = max(seen["shared"], _int(page, "#blocks-shared"))
+            return seen["shared"] >= 1
 
-    _wait_for(shared_now, 60, "shared blocks in the block map")
-    page.screenshot(path=str(ARTIFACTS / "browser-blocks-shared.png"), full_page=True)
-    assert page.locator("#block-plot .heatmaplayer, #block-plot .hm").count() >= 1
+        _wait_for(shared_now, 60, "shared blocks in the block map")
+        page.screenshot(path=str(ARTIFACTS / "browser-blocks-shared.png"), full_page=True)
+        assert page.locator("#block-plot .heatmaplayer, #block-plot .hm").count() >= 1
+    finally:
+        engine_thread.fault_hook = None
     _wait_for(lambda: "16</span> of 16" in page.inner_html("#scenario-box"), 120, "scenario to finish")
     engine_thread.call(lambda e: e.check_integrity())
     page.close()
