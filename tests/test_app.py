@@ -160,11 +160,12 @@ def test_controls_and_scenarios():
     assert len(shared) == 16 and len({c.system for c in shared}) == 1
 
 
-def test_build_views_is_fast():
+def test_build_views_for_a_large_pool():
+    """Every view builds from one snapshot of a 512-block pool (its cost is measured in
+    benchmarks/ui_overhead.py, not here)."""
     snap = snapshot(num_blocks=512)
-    start = time.perf_counter()
     views = build_views(snap, {"status": "ok"})
-    assert time.perf_counter() - start < 0.5 and views.version == snap.version
+    assert views.version == snap.version
 
 
 # ---- the served app ---------------------------------------------------------------------------------

@@ -163,9 +163,9 @@ def test_embedded_converts_once_and_matches_transformers(tmp_path):
     t0 = time.perf_counter()
     second = load_model("embedded", cache_dir=str(tmp_path), progress=lines.append)
     second_s = time.perf_counter() - t0
-    print(f"embedded load: first {first_s:.1f} s, second {second_s:.1f} s")
-    assert second_s < 5.0
+    print(f"embedded load: first {first_s:.1f} s, second {second_s:.1f} s")  # speed: benchmarks/cpu_bench.py
     assert not any("converting" in line for line in lines)
+    assert any("from cache" in line for line in lines)
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no half-written caches
 
     assert second.hf_config.architectures == ["LlamaForCausalLM"]
