@@ -670,12 +670,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
                              "choices": choices, "usage": job.usage(), "system_fingerprint": None})
 
     async def chat_stream(job: _Job, body: ChatBody, request: Request, rid: str, now: int) -> AsyncIterator[str]:
-        def chunk(choices: list[dict], usage: Any = None) -> str:
-            data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now,
-                                    "model": served, "system_fingerprint": None, "choices": choices}
-            if body.include_usage:
-                data["usage"] = usage
-            return _sse(data)
+        chunk = _chunker(rid, "chat.completion.chunk", now, served, body.include_usage)
 
         top = body.top_logprobs or 0
         for i in range(len(job.handles)):
@@ -725,12 +720,7 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
 
     async def completion_stream(job: _Job, body: CompletionBody, request: Request, rid: str, now: int,
                                 want_logprobs: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict], usage: Any = None) -> str:
-            data: dict[str, Any] = {"id": rid, "object": "text_completion", "created": now, "model": served,
-                                    "system_fingerprint": None, "choices": choices}
-            if body.include_usage:
-                data["usage"] = usage
-            return _sse(data)
+        chunk = _chunker(rid, "text_completion", now, served, body.include_usage)
 
         offsets = [0] * len(job.handles)  # text_offset continues across chunks
         try:
@@ -793,6 +783,18 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
 
 
 # ---- response pieces ---------------------------------------------------------------------------
+
+
+def _chunker(rid: str, kind: str, created: int, model: str, include_usage: bool) -> Callable[..., str]:
+    """One SSE event per call, in OpenAI's chunk shape; with include_usage every chunk carries a
+    ``usage`` field (null until the last one), as OpenAI's stream_options asks."""
+    def chunk(choices: list[dict], usage: Any = None) -> str:
+        data: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
+                                "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+    return chunk
 
 
 def _sse(data: dict[str, Any]) -> str:
