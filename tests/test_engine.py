@@ -538,3 +538,26 @@ def test_engine_imports_without_ui_code():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_idle_telemetry_lets_throughput_fall_to_zero(engine, monkeypatch):
+    """While nothing runs, the views keep moving: new history samples arrive until tokens/s is 0."""
+    import miniyaie.telemetry as telemetry
+
+    engine.generate([[1, 2, 3, 4, 5]], greedy(4))
+    history = engine.telemetry.history
+    assert history and history[-1].tokens_per_s > 0
+    clock = [time.time()]
+    monkeypatch.setattr(telemetry.time, "time", lambda: clock[0])
+    version = engine.telemetry.version
+    engine.telemetry.on_idle()  # under a second since the last sample: nothing to add
+    assert engine.telemetry.version == version
+    for _ in range(8):  # eight idle seconds
+        clock[0] += 1.0
+        engine.telemetry.on_idle()
+    assert engine.telemetry.version > version
+    assert history[-1].tokens_per_s == 0.0 and history[-1].running == 0
+    settled = (len(history), engine.telemetry.version)
+    clock[0] += 30.0  # nothing recent left to fade: idle costs nothing more
+    engine.telemetry.on_idle()
+    assert (len(history), engine.telemetry.version) == settled
