@@ -137,9 +137,9 @@ class EngineThread:
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's current state for the demo (rebuilt only when the version changed)."""
-        telemetry = self.engine.telemetry
-        if telemetry._snapshot is not None and telemetry._snapshot.version == telemetry.version:
-            return telemetry._snapshot
+        fresh = self.engine.telemetry.fresh_snapshot()  # most refreshes: no lock, no rebuild
+        if fresh is not None:
+            return fresh
         with self.lock:
             return self.engine.snapshot()
 

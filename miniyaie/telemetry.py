@@ -247,9 +247,14 @@ class Telemetry:
 
     # ---- building snapshots ------------------------------------------------------------------------
 
-    def snapshot(self) -> EngineSnapshot:
+    def fresh_snapshot(self) -> Optional[EngineSnapshot]:
+        """The last snapshot if nothing changed since (safe to call without the engine lock)."""
         snap = self._snapshot
-        if snap is not None and snap.version == self.version:
+        return snap if snap is not None and snap.version == self.version else None
+
+    def snapshot(self) -> EngineSnapshot:
+        snap = self.fresh_snapshot()
+        if snap is not None:
             return snap
         with self.lock:
             snap = self._build()
