@@ -37,6 +37,7 @@ class EngineConfig:
     seed: int = 0  # dummy weights and unseeded sampling
     cache_dir: Optional[str] = None  # converted weights; default ~/.cache/miniyaie
     cuda_graphs: bool = True
+    overlap_schedule: Optional[bool] = None  # None: on where the device is a GPU (see Engine.step)
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None keeps torch's choice
     extra: dict = field(default_factory=dict)
 

@@ -13,6 +13,8 @@ Sampling runs after the graph, eagerly, so per-request sampling parameters need 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from miniyaie.attention.batch import ForwardBatch
@@ -45,7 +47,7 @@ class DecodeCUDAGraphs:
     """
 
     def __init__(self, runner) -> None:
-        self.runner = runner
+        self.runner = weakref.proxy(runner)  # the runner owns us; no cycle (see Telemetry)
         config = runner.config
         self.block_size = config.block_size
         self.max_model_len = min(config.max_model_len or runner.args.max_position_embeddings,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -13,14 +14,11 @@ from miniyaie.config import EngineConfig
 from miniyaie.detokenizer import IncrementalDetokenizer
 from miniyaie.loader import load_model
 from miniyaie.model_runner import ModelRunner
-from miniyaie.request import (GenerationOutput, Prompt, Request, RequestOutput, RequestStatus,
-                              SamplingParams, TokenChoice)
-from miniyaie.sampling import SamplingBatch, SamplingKernel
+from miniyaie.request import (GenerationOutput, Prompt, Request, RequestOutput,
+                              RequestStatus, SamplingParams, TokenChoice)
+from miniyaie.sampling import SamplerOutput, SamplingBatch, SamplingKernel, on_device
 from miniyaie.scheduler import Scheduler, SchedulerOutput
 from miniyaie.telemetry import EngineSnapshot, Telemetry
-
-Sampled = tuple[Request, int, Optional[TokenChoice]]
-
 
 class Engine:
     """Owns the model runner (network + KV pool), the scheduler (queues + radix tree) and the
@@ -48,6 +46,10 @@ class Engine:
         self.telemetry = Telemetry(self)
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []  # aborts reported at the next step
+        # overlap: launch step N+1 before reading back step N (pointless where the device is the CPU)
+        self.overlap = (self.config.overlap_schedule if self.config.overlap_schedule is not None
+                        else self.runner.device.type == "cuda")
+        self._in_flight: Optional[LaunchedStep] = None
         self.num_forward_tokens = 0  # every token fed to the network: proves prefix hits skip compute
         # The model, tokenizer and config are hundreds of thousands of long-lived objects; freezing
         # them keeps the garbage collector from rescanning them during steps (measured: ~15 ms a
@@ -128,7 +130,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks go back at once. False if it is not active."""
         request = self.requests.get(request_id)
-        if request is None or request.status == RequestStatus.FINISHED:
+        if request is None or request.finish_reason is not None:
             return False
         self.scheduler.remove(request)
         self._pending.append(self._retire(request, "abort"))
@@ -136,78 +138,143 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One round: schedule a batch, launch its forward pass and sampling, and process sampled
+        tokens. With overlap on (the default on CUDA) the tokens processed are the *previous*
+        step's: the GPU runs this step while Python reads back, detokenizes and checks the last
+        one, instead of idling while Python works (SGLang's overlap scheduler)."""
         outputs, self._pending = self._pending, []
         started = time.perf_counter()
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and any(r.params.uses_penalties for r in self.scheduler.running):
+            outputs += self._process(previous)  # penalties read every generated token on the host
+            previous = None
         plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return outputs
-        try:
-            sampled = self._run(plan)
-        except Exception as err:  # a failed forward pass fails its batch, not the engine
-            outputs += self._fail(plan, err)
-            return outputs
-        for item in plan.scheduled:
+        launched = None
+        if plan.scheduled:
+            try:
+                launched = self._launch(plan, previous)
+            except Exception as err:  # a failed forward pass fails its batch, not the engine
+                outputs += self._fail([s.request for s in plan.scheduled], err)
+        if previous is not None:
+            outputs += self._process(previous)
+        if launched is not None:
+            if self.overlap:
+                self._release_at_length(launched)
+                self._in_flight = launched
+            else:
+                outputs += self._process(launched)
+            self.telemetry.on_step(plan, len(launched.rows), time.perf_counter() - started)
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, previous: Optional["LaunchedStep"]) -> "LaunchedStep":
+        """Queue the step's forward pass and sampling on the device and advance every request's
+        state as if its token were known: sampled tokens are appended as PENDING."""
+        scheduled = plan.scheduled
+        batch = ForwardBatch.build(
+            [s.request.all_token_ids[s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]
+             for s in scheduled],
+            [s.request.num_computed_tokens for s in scheduled],
+            [s.request.block_table for s in scheduled],
+            [s.samples for s in scheduled],
+            self.runner.kv.block_size, self.runner.device)
+        self._feed_pending(batch, scheduled, previous)
+        self.num_forward_tokens += batch.num_tokens
+        logits = self.runner.forward(batch)
+        rows = [s.request for s in scheduled if s.samples]
+        output = None
+        if rows:
+            output = self.sampler(logits, SamplingBatch.build(
+                [r.params for r in rows], [r.prompt_token_ids for r in rows],
+                [r.output_token_ids for r in rows], [r.generator for r in rows],
+                self.vocab_size, self.runner.device, num_top=0))
+        now = time.perf_counter()
+        for item in scheduled:
             request = item.request
             if request.metrics.first_scheduled is None:
-                request.metrics.first_scheduled = started
+                request.metrics.first_scheduled = now
                 self.telemetry.on_admit(request)
             request.num_computed_tokens += item.num_new_tokens
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 self.scheduler.cache_prefill(request)
-        for request, token, choice in sampled:
-            outputs.append(self._append(request, token, choice))
-        self.telemetry.on_step(plan, len(sampled), time.perf_counter() - started)
+        launched = LaunchedStep(rows, [r.append_pending() for r in rows], output)
+        for i, request in enumerate(rows):
+            request.pending = (launched, i)
+        return launched
+
+    def _feed_pending(self, batch: ForwardBatch, scheduled: list, previous: Optional["LaunchedStep"]) -> None:
+        """Requests whose last token is still PENDING take it from the previous step's sampled
+        tokens on the device (their slice of the batch ends with it), without a round trip."""
+        fills = [(i, s.request.pending) for i, s in enumerate(scheduled) if s.request.pending is not None]
+        if not fills:
+            return
+        if any(step is not previous for _, (step, _) in fills):
+            raise RuntimeError("a pending token from a step other than the previous one")
+        last_token_rows = [int(batch.cu_q_lens[i + 1]) - 1 for i, _ in fills]
+        device = batch.input_ids.device
+        batch.input_ids[on_device(last_token_rows, torch.int64, device)] = \
+            previous.output.token_ids[on_device([row for _, (_, row) in fills], torch.int64, device)]
+
+    def _release_at_length(self, launched: "LaunchedStep") -> None:
+        """A request whose in-flight token is its last by length needs no further step: give its
+        blocks back now, so the next schedule neither runs it nor counts its blocks."""
+        for request, position in zip(launched.rows, launched.positions):
+            if request.status == RequestStatus.RUNNING and self._at_length(request, position):
+                self.scheduler.finish(request)
+
+    def _at_length(self, request: Request, position: int) -> bool:
+        return (position + 1 - request.num_prompt_tokens >= request.params.max_tokens
+                or position + 1 >= self.max_model_len)
+
+    def _process(self, launched: "LaunchedStep") -> list[RequestOutput]:
+        """Read a launched step's tokens back (waiting for the device) and append them."""
+        try:
+            token_ids = launched.token_ids()
+            choices = self._choices(launched, token_ids)
+        except Exception as err:  # an asynchronous device error surfaces here
+            return self._fail(launched.rows, err)
+        outputs = []
+        for i, (request, position, token) in enumerate(zip(launched.rows, launched.positions, token_ids)):
+            if request.pending is not None and request.pending[0] is launched:
+                request.pending = None
+            if request.finish_reason is not None:  # aborted, or stopped while this step ran
+                continue
+            request.resolve_token(position, token)
+            outputs.append(self._append(request, position, token, choices.get(i)))
         return outputs
 
-    def _run(self, plan: SchedulerOutput) -> list[Sampled]:
-        batch = ForwardBatch.build(
-            [s.request.all_token_ids[s.request.num_computed_tokens:s.request.num_computed_tokens + s.num_new_tokens]
-             for s in plan.scheduled],
-            [s.request.num_computed_tokens for s in plan.scheduled],
-            [s.request.block_table for s in plan.scheduled],
-            [s.samples for s in plan.scheduled],
-            self.runner.kv.block_size, self.runner.device)
-        self.num_forward_tokens += batch.num_tokens
-        logits = self.runner.forward(batch)
-        sampling = [s.request for s in plan.scheduled if s.samples]
-        if not sampling:
-            return []
-        out = self.sampler(logits, SamplingBatch.build(
-            [r.params for r in sampling], [r.prompt_token_ids for r in sampling],
-            [r.output_token_ids for r in sampling], [r.generator for r in sampling],
-            self.vocab_size, self.runner.device, num_top=0))
-        token_ids = out.token_ids.tolist()
-        # distributions only for requests that asked (logprobs / the demo): building a record per
-        # token for everyone costs Python objects and garbage-collector time on every step
-        recorded = [i for i, r in enumerate(sampling) if r.params.logprobs is not None]
-        choices: dict[int, TokenChoice] = {}
-        if recorded:
-            rows = torch.tensor(recorded, device=out.logprobs.device)
-            logprobs = out.logprobs[rows].tolist()
-            top_ids, top_probs = out.top_ids[rows].tolist(), out.top_probs[rows].tolist()
-            for i, lp, ids, probs in zip(recorded, logprobs, top_ids, top_probs):
-                k = sampling[i].params.logprobs
-                choices[i] = TokenChoice(token_ids[i], self._token_text(token_ids[i]), lp,
-                                         [(t, self._token_text(t), p) for t, p in zip(ids[:k], probs[:k])])
-        return [(r, t, choices.get(i)) for i, (r, t) in enumerate(zip(sampling, token_ids))]
+    def _choices(self, launched: "LaunchedStep", token_ids: list[int]) -> dict[int, TokenChoice]:
+        """Distribution records, only for requests that asked (logprobs / the demo): building a
+        record per token for everyone costs Python objects and garbage-collector time every step."""
+        recorded = [i for i, r in enumerate(launched.rows) if r.params.logprobs is not None]
+        if not recorded:
+            return {}
+        out = launched.output
+        rows = on_device(recorded, torch.int64, out.logprobs.device)
+        logprobs = out.logprobs[rows].tolist()
+        top_ids, top_probs = out.top_ids[rows].tolist(), out.top_probs[rows].tolist()
+        choices = {}
+        for i, lp, ids, probs in zip(recorded, logprobs, top_ids, top_probs):
+            k = launched.rows[i].params.logprobs
+            choices[i] = TokenChoice(token_ids[i], self._token_text(token_ids[i]), lp,
+                                     [(t, self._token_text(t), p) for t, p in zip(ids[:k], probs[:k])])
+        return choices
 
     def _token_text(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"<{token_id}>"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _append(self, request: Request, token: int, choice: Optional[TokenChoice]) -> RequestOutput:
-        """Add a sampled token; detokenize; decide whether the request is done."""
+    def _append(self, request: Request, position: int, token: int, choice: Optional[TokenChoice]) -> RequestOutput:
+        """A sampled token arrived: detokenize it and decide whether the request is done."""
         now = time.perf_counter()
         if request.metrics.first_token is None:
             request.metrics.first_token = now
         params = request.params
-        request.append_token(token)
         choices = [choice] if choice is not None else []
         request.choices += choices
         reason = None
@@ -219,10 +286,10 @@ class Engine:
             if cut is not None:
                 request.detokenizer.text = request.detokenizer.text[:cut]
                 reason = "stop"
-        if reason is None and (len(request.output_token_ids) >= params.max_tokens
-                               or request.num_tokens >= self.max_model_len):
+        if reason is None and self._at_length(request, position):
             reason = "length"
         if reason is not None:
+            request.drop_pending()  # a token sampled after this one is not part of the answer
             self.scheduler.finish(request)
             return self._retire(request, reason, new_tokens=[token], new_choices=choices)
         return self._delta(request, [token], choices, finished=False)
@@ -239,18 +306,20 @@ class Engine:
 
     def _retire(self, request: Request, reason: str, error: Optional[str] = None,
                 new_tokens: Sequence[int] = (), new_choices: Sequence[TokenChoice] = ()) -> RequestOutput:
+        request.drop_pending()
         request.finish_reason = reason
         request.error = error
         request.metrics.finished = time.perf_counter()
         self.telemetry.on_finish(request)
         return self._delta(request, list(new_tokens), list(new_choices), finished=True)
 
-    def _fail(self, plan: SchedulerOutput, err: Exception) -> list[RequestOutput]:
+    def _fail(self, requests: list[Request], err: Exception) -> list[RequestOutput]:
         message = f"engine step failed: {type(err).__name__}: {err}"
         outputs = []
-        for item in plan.scheduled:
-            self.scheduler.remove(item.request)
-            outputs.append(self._retire(item.request, "error", message))
+        for request in requests:
+            if request.finish_reason is None:
+                self.scheduler.remove(request)
+                outputs.append(self._retire(request, "error", message))
         self.telemetry.on_error(message)
         return outputs
 
@@ -326,6 +395,38 @@ class Engine:
     def check_integrity(self) -> None:
         """Raise AssertionError if any block, reference count or lock is inconsistent."""
         self.scheduler.check_integrity()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device, whose sampled tokens may not exist yet.
+
+    ``rows[i]`` is the request that row ``i`` of the sampler's output belongs to, and
+    ``positions[i]`` where its PENDING token sits in ``rows[i].all_token_ids``. The token ids start
+    copying to the host as soon as sampling is queued; ``token_ids()`` waits for that copy only.
+    """
+
+    rows: list[Request]
+    positions: list[int]
+    output: Optional[SamplerOutput]
+    host_token_ids: Optional[torch.Tensor] = None
+    ready: Optional[torch.cuda.Event] = None
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            return
+        ids = self.output.token_ids
+        if ids.device.type == "cuda":
+            self.host_token_ids = ids.to("cpu", non_blocking=True)  # into pinned memory
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host_token_ids = ids
+
+    def token_ids(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [] if self.host_token_ids is None else self.host_token_ids.tolist()
 
 
 class QueueFull(RuntimeError):

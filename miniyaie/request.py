@@ -9,6 +9,9 @@ from typing import Optional, Union
 
 ChatMessages = list[dict]
 Prompt = Union[str, list[int], ChatMessages]
+# A generated token that was sampled on the device but not read back yet (overlapped steps):
+# the next step feeds it to the network straight from the device.
+PENDING = -1
 
 
 @dataclass
@@ -72,6 +75,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Penalties read the tokens generated so far on the host, every step."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class RequestStatus(enum.Enum):
@@ -167,6 +175,8 @@ class Request:
     # prompt + output, kept as one list because every step slices it (a fresh concatenation per
     # step per request showed up in decode-step profiles)
     all_token_ids: list[int] = field(default_factory=list)
+    # (launched step, row) whose sampled token is this request's last, PENDING, token
+    pending: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids
@@ -174,6 +184,23 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_pending(self) -> int:
+        """Hold a place for a token being sampled; returns its position in ``all_token_ids``.
+        ``output_token_ids`` only ever holds tokens whose value is known."""
+        self.all_token_ids.append(PENDING)
+        return len(self.all_token_ids) - 1
+
+    def resolve_token(self, position: int, token_id: int) -> None:
+        """The PENDING token at ``position`` is back from the device. Steps are read back in the
+        order they were launched, so it is always the next output token."""
+        self.all_token_ids[position] = token_id
+        self.output_token_ids.append(token_id)
+
+    def drop_pending(self) -> None:
+        """Forget tokens still being sampled (the request ended before they arrived)."""
+        del self.all_token_ids[self.num_prompt_tokens + len(self.output_token_ids):]
+        self.pending = None
 
     @property
     def num_tokens(self) -> int:

@@ -24,6 +24,12 @@ from torch import Tensor
 from miniyaie.request import SamplingParams
 
 
+def on_device(values: list, dtype: torch.dtype, device: Union[str, torch.device]) -> Tensor:
+    """A host list as a device tensor without waiting for the device: a blocking copy would wait
+    for every kernel queued before it, which would undo the engine's overlap of steps."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters as tensors, built once per step from the requests in the batch.
@@ -70,17 +76,16 @@ class SamplingBatch:
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == n):
             raise ValueError("SamplingBatch.build: params, token lists and generators differ in length")
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        uses_penalty = [p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                        or p.frequency_penalty != 0.0 for p in params]
+        uses_penalty = [p.uses_penalties for p in params]
         greedy = [p.temperature == 0.0 for p in params]
         filter_rows = [i for i, p in enumerate(params) if top_ks[i] < vocab_size or p.top_p < 1.0]
 
         def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+            return on_device(values, torch.float32, device)
 
         return cls(
             temperatures=f32([p.temperature for p in params]),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True),
+            top_ks=on_device(top_ks, torch.int64, device),
             top_ps=f32([p.top_p for p in params]),
             min_ps=f32([p.min_p for p in params]),
             repetition_penalties=f32([p.repetition_penalty for p in params]),
@@ -173,7 +178,7 @@ class SamplingKernel:
         else:
             token_ids = self._inverse_cdf(logprobs_all.exp(), self._uniforms(batch, logits.device))
             if any(batch.greedy):
-                greedy = torch.tensor(batch.greedy, device=logits.device)
+                greedy = on_device(batch.greedy, torch.bool, logits.device)
                 token_ids = torch.where(greedy, scaled.argmax(dim=-1), token_ids)
         return self._output(token_ids, logprobs_all, batch.num_top)
 
@@ -230,7 +235,7 @@ class SamplingKernel:
         smallest prefix reaching p, renormalised after top-k (position 0 always survives)."""
         num_rows, vocab = scaled.shape
         every_row = len(batch.filter_rows) == num_rows
-        rows = None if every_row else torch.tensor(batch.filter_rows, device=scaled.device)
+        rows = None if every_row else on_device(batch.filter_rows, torch.int64, scaled.device)
         sub = scaled if rows is None else scaled.index_select(0, rows)
         top_ks = batch.top_ks if rows is None else batch.top_ks.index_select(0, rows)
         top_ps = batch.top_ps if rows is None else batch.top_ps.index_select(0, rows)
@@ -265,7 +270,7 @@ class SamplingKernel:
             if gen is not None and not greedy:
                 values[i] = torch.rand(1, generator=gen, dtype=torch.float64,
                                        device=gen.device).item()
-        return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+        return on_device(values, torch.float64, device)
 
     @staticmethod
     def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:

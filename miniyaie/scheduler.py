@@ -28,6 +28,11 @@ IN_BATCH_SHARE_BLOCKS = 2
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens fed to the network this step, from num_computed_tokens on
+    is_decode: bool = field(init=False)  # one generated token (else a prompt chunk or a recompute)
+
+    def __post_init__(self) -> None:
+        r = self.request
+        self.is_decode = self.num_new_tokens == 1 and r.num_computed_tokens >= r.num_prompt_tokens
 
     @property
     def samples(self) -> bool:
@@ -75,9 +80,13 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
 
     def finish(self, request: Request) -> None:
-        """A request is done: its full blocks join the prefix cache, the rest is freed."""
-        self.running.remove(request)
-        self._release(request, cache=True)
+        """A request is done: its full blocks join the prefix cache, the rest is freed. (A request
+        preempted while its last token was still being sampled finishes from the waiting queue.)"""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+            self._release(request, cache=True)
+        elif request in self.waiting:
+            self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
 
     @property

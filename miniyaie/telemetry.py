@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -154,7 +155,9 @@ class Telemetry:
     RECENT = 3.0  # seconds a node counts as "new" / "hit", a step as recent for throughput
 
     def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+        # a weak reference: the engine freezes its start-up objects out of the garbage collector,
+        # so a reference cycle would keep an engine (and its KV pool) alive forever once dropped
+        self.engine = weakref.proxy(engine)
         self.version = 0
         self.counters = _Counters()
         self.steps: deque[StepView] = deque(maxlen=60)
@@ -192,19 +195,15 @@ class Telemetry:
         self.touch()
 
     def on_step(self, plan: "SchedulerOutput", generated: int, duration: float) -> None:
-        """Called after a step's state updates (so ``num_computed_tokens`` already counts it)."""
+        """Called once per engine step with the batch it launched."""
         now = time.time()
         c = self.counters
         prefill, decode = [], []
         for item in plan.scheduled:
-            r = item.request
-            # a request that finished this step has num_computed_tokens reset to 0 already
-            finished = r.finish_reason is not None
-            if item.num_new_tokens == 1 and (r.num_computed_tokens > r.num_prompt_tokens
-                                             or (finished and len(r.output_token_ids) > 1)):
-                decode.append(r.request_id)
+            if item.is_decode:
+                decode.append(item.request.request_id)
             else:
-                prefill.append((r.request_id, item.num_new_tokens))
+                prefill.append((item.request.request_id, item.num_new_tokens))
         c.tokens_generated += generated
         c.token_times.append((now, generated, sum(n for _, n in prefill)))
         self._step_index += 1

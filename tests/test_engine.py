@@ -7,17 +7,26 @@ scripted tokens are fed back to it, so detokenization and stop handling see real
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
+import weakref
 
 import pytest
 
-from miniyaie import Engine, SamplingParams
+from miniyaie import Engine, EngineConfig, SamplingParams
 from miniyaie.request import RequestStatus
 
 from conftest import BLOCK_SIZE, VOCAB, assert_drained
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def make_engine(request, make_engine):
+    """Every engine test runs twice: with each step's tokens processed at once (the CPU default)
+    and overlapped (the GPU default: read back one step later, while the next step runs)."""
+    return functools.partial(make_engine, overlap_schedule=request.param)
 
 
 def greedy(max_tokens: int = 8, **kw) -> SamplingParams:
@@ -30,22 +39,20 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
 
 def script_outputs(engine: Engine, scripts: dict[tuple[int, ...], list[int]]) -> None:
     """Make requests whose prompt is a key of ``scripts`` "sample" the scripted tokens in order
-    (then whatever the model picks). Everything downstream of sampling runs for real."""
-    original = engine._run
+    (then whatever the model picks): each launched step's sampled ids are overwritten on the
+    device, so the network, the read-back and everything downstream see them."""
+    original = engine._launch
 
-    def run(plan):
-        chosen = []
-        for request, token, choice in original(plan):
+    def launch(plan, previous):
+        launched = original(plan, previous)
+        for row, (request, position) in enumerate(zip(launched.rows, launched.positions)):
             script = scripts.get(tuple(request.prompt_token_ids), [])
-            i = len(request.output_token_ids)
-            if i < len(script):
-                token = script[i]
-                if choice is not None:
-                    choice = dataclasses.replace(choice, token_id=token, text=engine._token_text(token))
-            chosen.append((request, token, choice))
-        return chosen
+            index = position - request.num_prompt_tokens
+            if index < len(script):
+                launched.output.token_ids[row] = script[index]
+        return launched
 
-    engine._run = run
+    engine._launch = launch
 
 
 def run_all(engine: Engine, prompts, params) -> dict[str, list[int]]:
@@ -561,3 +568,64 @@ def test_idle_telemetry_lets_throughput_fall_to_zero(engine, monkeypatch):
     clock[0] += 30.0  # nothing recent left to fade: idle costs nothing more
     engine.telemetry.on_idle()
     assert (len(history), engine.telemetry.version) == settled
+
+
+# ---- overlapped steps ----------------------------------------------------------------------------
+
+
+def test_overlap_gives_the_same_answers_with_stops_penalties_and_aborts(make_engine):
+    """The overlapped engine must answer exactly as the step-by-step one, in a batch where
+    requests stop on a token mid-flight (their next row is discarded), use penalties (which
+    make the engine read tokens back before the next step) or are aborted while a step runs."""
+    rng = random.Random(5)
+    prompts = [random_tokens(rng, rng.randrange(3, 30)) for _ in range(8)]
+    stop_at = {tuple(prompts[i]): [300] * i + [400 + i] for i in (0, 1, 2)}  # token 400+i ends them
+    params = [greedy(10, stop_token_ids=[400 + i]) if i < 3 else
+              greedy(12, repetition_penalty=1.3, presence_penalty=0.5) if i in (3, 4) else greedy(9 + i)
+              for i in range(8)]
+    answers = {}
+    for overlap in (False, True):
+        engine = make_engine(overlap_schedule=overlap)
+        script_outputs(engine, stop_at)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        victim = engine.add_request(prompts[7], greedy(30))
+        while len(engine.requests[victim].output_token_ids) < 3:
+            engine.step()
+        assert engine.abort(victim)
+        while engine.has_unfinished:
+            engine.step()
+            engine.check_integrity()
+        answers[overlap] = [engine.result(i).token_ids for i in ids]
+        aborted = engine.result(victim)
+        assert aborted.finish_reason == "abort" and -1 not in aborted.token_ids
+        assert_drained(engine)
+    assert answers[True] == answers[False]
+    assert [len(a) for a in answers[True][:3]] == [1, 2, 3]  # stopped on their scripted token
+
+
+def test_overlap_runs_no_extra_rows_for_length_limits(make_engine):
+    """A request whose in-flight token is its last by length is not scheduled again: with
+    ``ignore_eos`` the overlapped engine feeds exactly as many tokens to the network."""
+    rng = random.Random(6)
+    prompts = [random_tokens(rng, rng.randrange(3, 40)) for _ in range(6)]
+    fed = {}
+    for overlap in (False, True):
+        engine = make_engine(overlap_schedule=overlap)
+        outs = engine.generate(prompts, [greedy(1 + 3 * i) for i in range(6)])
+        assert [len(o.token_ids) for o in outs] == [1 + 3 * i for i in range(6)]
+        fed[overlap] = engine.num_forward_tokens
+        assert_drained(engine)
+    assert fed[True] == fed[False]
+
+
+def test_a_dropped_engine_frees_its_kv_pool(tiny_loaded):
+    """The engine freezes its start-up objects out of the garbage collector (gc.freeze), so it
+    must hold no reference cycle: dropping the last reference frees it, KV pool included, at
+    once. (On a GPU a leaked engine keeps most of the GPU's memory.)"""
+    loaded = tiny_loaded()
+    engine = Engine(EngineConfig(model=loaded.source_dir, device="cpu", num_blocks=64), loaded=loaded)
+    engine.generate([[1, 2, 3, 4, 5]], greedy(3))
+    engine.snapshot()
+    alive, pool = weakref.ref(engine), weakref.ref(engine.runner.kv.k_pool)
+    del engine
+    assert alive() is None and pool() is None

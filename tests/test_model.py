@@ -1,7 +1,7 @@
 """Our network vs transformers' for the same weights, and chunked prefill vs one-piece prefill.
 
 Our side runs exactly as the engine does: ModelRunner over the paged pool, one ForwardBatch per
-step (see ``Engine._run``); we only widen ``logits_indices`` to every row so all positions are
+step (see ``Engine._launch``); we only widen ``logits_indices`` to every row so all positions are
 compared, not just the last.
 """
 from __future__ import annotations

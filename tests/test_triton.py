@@ -161,23 +161,52 @@ def test_engine_triton_graphs_equal_torch_backend_fp32(tmp_path):
     prompts += [prompts[0][:37] + [5, 6, 7], prompts[0][:37] + [9], prompts[3]]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     results = {}
-    for backend, graphs in (("torch", False), ("triton", True), ("triton", False)):
+    for backend, graphs, overlap in (("torch", False, False), ("triton", True, True), ("triton", True, False),
+                                     ("triton", False, True)):
         engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="float32",
                                      attention_backend=backend, cuda_graphs=graphs, num_blocks=600,
-                                     max_num_seqs=16, max_num_batched_tokens=256, seed=3))
+                                     max_num_seqs=16, max_num_batched_tokens=256, seed=3,
+                                     overlap_schedule=overlap))
         if graphs:
             assert engine.runner.graphs is not None
         outs = engine.generate(prompts, params)
-        results[(backend, graphs)] = [o.token_ids for o in outs]
+        results[(backend, graphs, overlap)] = [o.token_ids for o in outs]
         if graphs:
             assert engine.runner.graphs.num_replays > 0
         engine.clear_cache()
         engine.check_integrity()
         del engine
-    ref = results[("torch", False)]
+    ref = results[("torch", False, False)]
     for key, got in results.items():
         mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
         assert not mismatches, f"{key}: prompts {mismatches} differ from the torch backend"
+
+
+@needs_cuda
+def test_overlapped_steps_answer_exactly_as_sequential_ones(tmp_path):
+    """On the GPU, where the overlap is real: seeded sampling, penalties, stop tokens and lengths
+    give the very same tokens with step N+1 launched before step N is read back."""
+    from miniyaie import Engine, EngineConfig, SamplingParams
+    path, _ = _tiny_llama(tmp_path)
+    prompts = _prompts(20, 512, seed=4)
+    kinds = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+             SamplingParams(max_tokens=25, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True),
+             SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.2, ignore_eos=True),
+             SamplingParams(max_tokens=40, temperature=1.0, top_k=20, seed=5, stop_token_ids=list(range(0, 512, 7)))]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    results = {}
+    for overlap in (False, True):
+        engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="float32",
+                                     attention_backend="triton", num_blocks=400, max_num_seqs=8,
+                                     max_num_batched_tokens=256, seed=3, overlap_schedule=overlap))
+        assert engine.overlap == overlap
+        outs = engine.generate(prompts, params)
+        results[overlap] = [(o.token_ids, o.finish_reason) for o in outs]
+        engine.clear_cache()
+        engine.check_integrity()
+        del engine
+    assert results[True] == results[False]
+    assert any(reason == "stop" for _, reason in results[True])
 
 
 @needs_cuda

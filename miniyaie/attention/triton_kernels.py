@@ -245,7 +245,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_q_lens: torch.Tensor,
-                     out: torch.Tensor, scale: float, page: int, num_seqs: int, max_q_len: int) -> None:
+                     out: torch.Tensor, scale: float, page: int, num_seqs: int, max_q_len: int,
+                     block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2) -> None:
     """Prefix-aware causal attention for the first ``num_seqs`` sequences (rows from
     ``cu_q_lens``), one launch for all of them whatever their lengths."""
     if num_seqs == 0:
@@ -253,9 +255,9 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[1]
     block_d = triton.next_power_of_2(head_dim)
-    fp32 = q.dtype == torch.float32
-    block_m = 64 if not fp32 and block_d <= 128 else 32
-    block_n = 64 if not fp32 and block_d <= 128 else 32
+    small = q.dtype != torch.float32 and block_d <= 128
+    block_m = block_m or (64 if small else 32)
+    block_n = block_n or (64 if small else 32)
     grid = (triton.cdiv(max_q_len, block_m), num_seqs, num_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, cu_q_lens, out, scale * LOG2E,
@@ -263,4 +265,4 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
