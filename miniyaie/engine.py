@@ -214,10 +214,10 @@ class Engine:
             return
         if any(step is not previous for _, (step, _) in fills):
             raise RuntimeError("a pending token from a step other than the previous one")
-        last_token_rows = [int(batch.cu_q_lens[i + 1]) - 1 for i, _ in fills]
-        device = batch.input_ids.device
-        batch.input_ids[on_device(last_token_rows, torch.int64, device)] = \
-            previous.output.token_ids[on_device([row for _, (_, row) in fills], torch.int64, device)]
+        seqs = torch.tensor([i for i, _ in fills])
+        last_token_rows = (batch.cu_q_lens[1:].long()[seqs] - 1).to(batch.input_ids.device, non_blocking=True)
+        batch.input_ids[last_token_rows] = \
+            previous.output.token_ids[on_device([row for _, (_, row) in fills], torch.int64, batch.input_ids.device)]
 
     def _release_at_length(self, launched: "LaunchedStep") -> None:
         """A request whose in-flight token is its last by length needs no further step: give its
