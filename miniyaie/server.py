@@ -23,7 +23,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -671,27 +671,39 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
 
     async def chat_stream(job: _Job, body: ChatBody, request: Request, rid: str, now: int) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", now, served, body.include_usage)
-
         top = body.top_logprobs or 0
         for i in range(len(job.handles)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
+
+        def choices(i: int, out: RequestOutput) -> Iterator[dict]:
+            logprobs = ({"content": [_chat_logprob(c, top) for c in out.new_choices]}
+                        if body.logprobs and out.new_choices else None)
+            if out.delta_text or logprobs:
+                yield {"index": i, "delta": {"content": out.delta_text}, "logprobs": logprobs, "finish_reason": None}
+            if out.finished:
+                yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+
+        async with aclosing(sse(job, request, chunk, body.include_usage, choices)) as events:
+            async for event in events:
+                yield event
+
+    async def sse(job: _Job, request: Request, chunk: Callable[..., str], include_usage: bool,
+                  choices: Callable[[int, RequestOutput], Iterator[dict]]) -> AsyncIterator[str]:
+        """The event stream both endpoints send: one chunk per choice that ``choices`` makes of
+        each engine output, an error event if the engine failed, the usage chunk if asked, then
+        ``[DONE]``. A client that left gets nothing more."""
         try:
             async with aclosing(outputs(job, request)) as events:
                 async for i, out in events:
                     if out.finish_reason == "error":
                         yield _sse_error(out)
                         break
-                    logprobs = ({"content": [_chat_logprob(c, top) for c in out.new_choices]}
-                                if body.logprobs and out.new_choices else None)
-                    if out.delta_text or logprobs:
-                        yield chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": logprobs,
-                                      "finish_reason": None}])
-                    if out.finished:
-                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+                    for choice in choices(i, out):
+                        yield chunk([choice])
         except _ClientGone:
             return
-        if body.include_usage:
+        if include_usage:
             yield chunk([], job.usage())
         yield "data: [DONE]\n\n"
 
@@ -721,26 +733,20 @@ def create_api(engine_thread: EngineThread, api_key: Optional[str] = None, model
     async def completion_stream(job: _Job, body: CompletionBody, request: Request, rid: str, now: int,
                                 want_logprobs: bool) -> AsyncIterator[str]:
         chunk = _chunker(rid, "text_completion", now, served, body.include_usage)
-
         offsets = [0] * len(job.handles)  # text_offset continues across chunks
-        try:
-            async with aclosing(outputs(job, request)) as events:
-                async for i, out in events:
-                    if out.finish_reason == "error":
-                        yield _sse_error(out)
-                        break
-                    logprobs = None
-                    if want_logprobs and out.new_choices:
-                        logprobs = _completion_logprobs(out.new_choices, body.logprobs or 0, offsets[i])
-                        offsets[i] += sum(len(c.text) for c in out.new_choices)
-                    if out.delta_text or logprobs or out.finished:
-                        yield chunk([{"index": i, "text": out.delta_text, "logprobs": logprobs,
-                                      "finish_reason": out.finish_reason if out.finished else None}])
-        except _ClientGone:
-            return
-        if body.include_usage:
-            yield chunk([], job.usage())
-        yield "data: [DONE]\n\n"
+
+        def choices(i: int, out: RequestOutput) -> Iterator[dict]:
+            logprobs = None
+            if want_logprobs and out.new_choices:
+                logprobs = _completion_logprobs(out.new_choices, body.logprobs or 0, offsets[i])
+                offsets[i] += sum(len(c.text) for c in out.new_choices)
+            if out.delta_text or logprobs or out.finished:
+                yield {"index": i, "text": out.delta_text, "logprobs": logprobs,
+                       "finish_reason": out.finish_reason if out.finished else None}
+
+        async with aclosing(sse(job, request, chunk, body.include_usage, choices)) as events:
+            async for event in events:
+                yield event
 
     app.include_router(v1)
 
