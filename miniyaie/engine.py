@@ -289,7 +289,6 @@ class Engine:
         if reason is None and self._at_length(request, position):
             reason = "length"
         if reason is not None:
-            request.drop_pending()  # a token sampled after this one is not part of the answer
             self.scheduler.finish(request)
             return self._retire(request, reason, new_tokens=[token], new_choices=choices)
         return self._delta(request, [token], choices, finished=False)
@@ -306,7 +305,7 @@ class Engine:
 
     def _retire(self, request: Request, reason: str, error: Optional[str] = None,
                 new_tokens: Sequence[int] = (), new_choices: Sequence[TokenChoice] = ()) -> RequestOutput:
-        request.drop_pending()
+        request.drop_pending()  # tokens sampled after the last one are not part of the answer
         request.finish_reason = reason
         request.error = error
         request.metrics.finished = time.perf_counter()
