@@ -573,6 +573,7 @@ def test_idle_telemetry_lets_throughput_fall_to_zero(engine, monkeypatch):
 # ---- overlapped steps ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make_engine", [False], ids=["both-modes"], indirect=True)
 def test_overlap_gives_the_same_answers_with_stops_penalties_and_aborts(make_engine):
     """The overlapped engine must answer exactly as the step-by-step one, in a batch where
     requests stop on a token mid-flight (their next row is discarded), use penalties (which
@@ -603,6 +604,7 @@ def test_overlap_gives_the_same_answers_with_stops_penalties_and_aborts(make_eng
     assert [len(a) for a in answers[True][:3]] == [1, 2, 3]  # stopped on their scripted token
 
 
+@pytest.mark.parametrize("make_engine", [False], ids=["both-modes"], indirect=True)
 def test_overlap_runs_no_extra_rows_for_length_limits(make_engine):
     """A request whose in-flight token is its last by length is not scheduled again: with
     ``ignore_eos`` the overlapped engine feeds exactly as many tokens to the network."""
