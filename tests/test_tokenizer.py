@@ -37,8 +37,10 @@ def pair():
 @pytest.mark.parametrize("generation_prompt", [True, False])
 def test_chat_template_renders_as_transformers(pair, chat, generation_prompt):
     ours, theirs = pair
-    assert ours.apply_chat_template(CHATS[chat], add_generation_prompt=generation_prompt) == \
-        theirs.apply_chat_template(CHATS[chat], tokenize=False, add_generation_prompt=generation_prompt)
+    text = ours.apply_chat_template(CHATS[chat], add_generation_prompt=generation_prompt)
+    assert text == theirs.apply_chat_template(CHATS[chat], tokenize=False, add_generation_prompt=generation_prompt)
+    assert ours.apply_chat_template(CHATS[chat], tokenize=True, add_generation_prompt=generation_prompt) == \
+        ours.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("text", TEXTS)
