@@ -111,6 +111,12 @@ class ByteCounter:
             self.steps += 1
             return inner(batch)
         runner.forward = counted
+        self.runner = runner
+
+    def detach(self) -> None:
+        # the wrapper refers back to the runner; the engine froze its objects out of the garbage
+        # collector, so that cycle would keep the engine (and its KV pool) alive for good
+        del self.runner.forward
 
 
 def bench_throughput(loaded) -> None:
@@ -140,6 +146,7 @@ def bench_throughput(loaded) -> None:
             weight_bytes=counter.weight_bytes, preemptions=engine.scheduler.num_preemptions)
         log(f"throughput, overlap {overlap}: {tokens / elapsed:,.0f} tok/s, {elapsed:.1f} s, "
             f"{counter.steps} steps, roofline {roofline_s / elapsed:.0%}")
+    counter.detach()
 
 
 def bench_peers(hf, peer_requests: int, static_batches: int) -> None:
@@ -315,6 +322,8 @@ def bench_breakdown(loaded) -> None:
     finally:
         engine_module.ForwardBatch.build = build
         engine.sampler.__class__.__call__ = sampler_call
+        # the wrappers refer back to the engine: drop them, or the frozen engine never goes (see ByteCounter)
+        del engine.scheduler.schedule, engine.runner.forward, engine._process, engine.telemetry.on_step
     RESULTS["breakdown"] = res
 
 

@@ -5,10 +5,13 @@ each takes microseconds, but launching them from Python takes longer than runnin
 graph records the launches once and replays them with one call.
 
 A graph fixes its tensors' addresses, so the step's inputs live in static buffers that are
-overwritten before each replay: token ids, positions, slots, context lengths and block tables.
-Batch sizes are captured from a fixed set (1, 2, 4, 8, 16, 32, 64, then every 32 up to
-``max_num_seqs``); a batch of n runs the smallest graph of size >= n, the extra rows being padding:
-slot -1 (the KV store skips it) and context length 0 (attention reads nothing and writes zeros).
+overwritten before each replay: token ids, positions, slots, context lengths, block tables and the
+length of the prefix every sequence shares. Batch sizes are captured from a fixed set (1, 2, 4, 8,
+16, 32, 64, then every 32 up to ``max_num_seqs``); a batch of n runs the smallest graph of size >= n,
+the extra rows being padding: slot -1 (the KV store skips it) and context length 0 (attention reads
+nothing). Each size >= 2 is captured twice: with cascade attention, for batches whose sequences
+share prefix blocks (the shared length is an input), and without, for those that do not (the
+cascade's extra launches and merge would cost them a little on every step).
 Sampling runs after the graph, eagerly, so per-request sampling parameters need no capture.
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ class DecodeCUDAGraphs:
 
     Invariants: a replay reads only the static buffers and the KV pool; padding rows never write
     the pool. ``run`` returns a fresh tensor (the graph's output buffer is reused by the next
-    replay). Cost: one capture per size at start-up (~0.1 s each), then per step a handful of
+    replay). Cost: two captures per size at start-up (~0.1 s each), then per step a handful of
     small copies and one ``replay``.
     """
 
@@ -62,14 +65,15 @@ class DecodeCUDAGraphs:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (size, cascade)
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.pool = None
         self.num_replays = 0
         self.capture()
 
-    def _static_batch(self, size: int) -> ForwardBatch:
+    def _static_batch(self, size: int, cascade: bool) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:size], positions=self.positions[:size],
             slot_mapping=self.slot_mapping[:size],
@@ -78,7 +82,8 @@ class DecodeCUDAGraphs:
             cu_q_lens=torch.arange(size + 1, dtype=torch.int32),
             block_tables=self.block_tables[:size], num_extends=0,
             logits_indices=self.logits_indices[:size], block_size=self.block_size,
-            seq_lens_device=self.seq_lens[:size])
+            seq_lens_device=self.seq_lens[:size],
+            shared_prefix_len_device=self.shared_prefix_len if cascade else None)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         runner = self.runner
@@ -89,16 +94,17 @@ class DecodeCUDAGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         for size in reversed(self.sizes):
-            batch = self._static_batch(size)
-            self._forward(batch)  # warm-up: compiles the kernels, sets up cuBLAS
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(batch)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[size] = graph
-            self.outputs[size] = out
+            for cascade in (False, True) if size >= 2 else (False,):
+                batch = self._static_batch(size, cascade)
+                self._forward(batch)  # warm-up: compiles the kernels, sets up cuBLAS
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(batch)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[size, cascade] = graph
+                self.outputs[size, cascade] = out
         torch.cuda.synchronize()
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -118,9 +124,12 @@ class DecodeCUDAGraphs:
             self.seq_lens[n:size].fill_(0)
         width = batch.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        self.graphs[size].replay()
+        cascade = batch.shared_prefix_len > 0
+        if cascade:
+            self.shared_prefix_len.fill_(batch.shared_prefix_len)
+        self.graphs[size, cascade].replay()
         self.num_replays += 1
-        out = self.outputs[size]
+        out = self.outputs[size, cascade]
         if batch.logits_indices.shape[0] == n:  # every row samples: rows 0..n-1
             return out[:n].clone()
         return out.index_select(0, batch.logits_indices)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,22 @@ def test_backend_on_cuda_matches_dense_reference(backend, dtype, block_size, gqa
                            block_size=block_size, max_len=300)
         check_backend(backend, "cuda", dtype, seqs, num_heads=8, num_kv_heads=8 // gqa,
                       block_size=block_size, seed=seed, atol=2e-3 if dtype == torch.float32 else 3e-2)
+
+
+def test_shared_prefix_len_counts_the_leading_blocks_every_decode_shares():
+    from miniyaie.attention.batch import shared_prefix_len
+    bs = 16
+    # three decodes share blocks 7, 8; the third block differs
+    tables = [[7, 8, 1], [7, 8, 2, 5], [7, 8, 3]]
+    batch = ForwardBatch.build([[0]] * 3, [40, 60, 35], tables, [True] * 3, bs, torch.device("cpu"))
+    assert batch.shared_prefix_len == 32
+    # an extend in front is not part of it; a single decode shares with nobody
+    batch = ForwardBatch.build([[0, 0], [0], [0]], [0, 40, 60], [[9], [7, 8, 1], [7, 8, 2, 5]],
+                               [True] * 3, bs, torch.device("cpu"))
+    assert batch.shared_prefix_len == 32
+    assert ForwardBatch.build([[0]], [40], [[7, 8, 1]], [True], bs, torch.device("cpu")).shared_prefix_len == 0
+    # capped by the shortest sequence; nothing shared when the first blocks differ
+    tables = np.array([[7, 8, 0], [7, 8, 4]])
+    assert shared_prefix_len(tables, np.array([20, 45]), bs) == 20
+    assert shared_prefix_len(np.array([[1, 2], [3, 2]]), np.array([30, 30]), bs) == 0
+    assert shared_prefix_len(np.array([[1, 2], [1, 2]]), np.array([30, 32]), bs) == 30

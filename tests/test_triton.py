@@ -1,7 +1,8 @@
 """The Triton backend and CUDA graphs against the torch backend (and transformers), on CUDA.
 
 Skipped without CUDA. ``TRITON_INTERPRET=1`` runs the kernel tests on the CPU through Triton's
-interpreter (slow, small shapes only) for development on machines without a GPU.
+interpreter (slow, small shapes only; triton 3.6's interpreter needs numpy < 2.4) for development
+on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -28,20 +29,25 @@ def _backends():
 
 
 def _random_step(rng: random.Random, specs, block_size: int, num_blocks: int, kv_heads: int,
-                 group: int, head_dim: int, dtype: torch.dtype):
+                 group: int, head_dim: int, dtype: torch.dtype, shared_blocks: int = 0):
     """specs: (prefix_len, q_len) per sequence, extends first. Blocks are drawn at random
-    (shuffled, so tables are not contiguous); the pool is filled with random values."""
+    (shuffled, so tables are not contiguous); the pool is filled with random values. The first
+    ``shared_blocks`` blocks of every decode sequence's table are the same blocks (a cached prefix)."""
     from miniyaie.attention import ForwardBatch
 
     blocks = list(range(1, num_blocks))  # block 0 stays unused: padding points there
     rng.shuffle(blocks)
+    shared = [blocks.pop() for _ in range(shared_blocks)]
     tables, token_ids, prefix_lens = [], [], []
     for prefix, q_len in specs:
         need = -(-(prefix + q_len) // block_size)
-        tables.append([blocks.pop() for _ in range(need)])
+        common = shared[:need] if q_len == 1 else []
+        tables.append(common + [blocks.pop() for _ in range(need - len(common))])
         token_ids.append([0] * q_len)
         prefix_lens.append(prefix)
     batch = ForwardBatch.build(token_ids, prefix_lens, tables, [True] * len(specs), block_size, DEVICE)
+    if batch.shared_prefix_len and batch.shared_prefix_len_device is None:  # interpreter: tensors on the CPU
+        batch.shared_prefix_len_device = torch.tensor([batch.shared_prefix_len], dtype=torch.int32)
     slots = num_blocks * block_size
     gen = torch.Generator(device=DEVICE).manual_seed(rng.randrange(1 << 30))
     k_cache = torch.randn(slots, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
@@ -121,6 +127,39 @@ def test_decode_split_k_long_contexts(num_splits_hint):
     _compare(*step, dtype, max_seq_len=num_splits_hint)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_cascade_decode_over_a_shared_prefix(dtype, block_size, group):
+    """Decodes whose tables start with the same blocks: the shared part is attended once for all
+    (cascade) and merged with each sequence's own part; eager and graph-style plans."""
+    if SMALL and (dtype == torch.bfloat16 or group in (2, 8) or block_size == 32):
+        pytest.skip("interpreter: a few cases only")
+    rng = random.Random(hash(("cascade", str(dtype), block_size, group)) & 0xFFFF)
+    head_dim = 64 if SMALL else 128
+    shared_blocks = 3 if SMALL else rng.choice([5, 64, 130])
+    shared = shared_blocks * block_size
+    own = [1, 2, 15, 40, 300] if not SMALL else [1, 7, 20]
+    num_decodes = 5 if SMALL else rng.choice([2, 37, 130])
+    specs = [(rng.randrange(0, 300), rng.randrange(2, 200)) for _ in range(0 if SMALL else 2)]  # extends in front
+    specs += [(shared + rng.choice(own) - 1, 1) for _ in range(num_decodes)]
+    blocks = sum(-(-(p + n) // block_size) for p, n in specs) + 5
+    step = _random_step(rng, specs, block_size, blocks, 2, group, head_dim, dtype, shared_blocks=shared_blocks)
+    assert step[0].shared_prefix_len == shared
+    _compare(*step, dtype)
+    _compare(*step, dtype, max_seq_len=shared + 400)  # as captured in a graph: the length is read on the device
+
+
+def test_cascade_caps_at_the_shortest_sequence():
+    """A sequence that ends inside the blocks the others share bounds the shared part."""
+    rng = random.Random(11)
+    bs, dtype = 16, torch.float32
+    specs = [(2 * bs + 3, 1), (5 * bs + 9, 1), (3 * bs, 1)]
+    step = _random_step(rng, specs, bs, 40, 2, 2, 64, dtype, shared_blocks=3)
+    assert step[0].shared_prefix_len == 2 * bs + 4
+    _compare(*step, dtype)
+
+
 def test_split_heuristic():
     from miniyaie.attention.triton_backend import num_decode_splits
     assert num_decode_splits(256, 8, 2048, 132) == 1
@@ -177,6 +216,37 @@ def test_engine_triton_graphs_equal_torch_backend_fp32(tmp_path):
         engine.check_integrity()
         del engine
     ref = results[("torch", False, False)]
+    for key, got in results.items():
+        mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+        assert not mismatches, f"{key}: prompts {mismatches} differ from the torch backend"
+
+
+@needs_cuda
+def test_cascade_decode_in_the_engine_equals_torch_backend_fp32(tmp_path):
+    """Requests decoding together after a cached system prompt share its blocks, so the triton
+    backend attends to it once per step (cascade), in CUDA graphs and eagerly: greedy tokens
+    equal the torch backend's."""
+    from miniyaie import Engine, EngineConfig, SamplingParams
+    path, _ = _tiny_llama(tmp_path)
+    rng = random.Random(5)
+    system = [rng.randrange(512) for _ in range(150)]
+    prompts = [system + [rng.randrange(512) for _ in range(rng.randrange(1, 30))] for _ in range(14)]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend, graphs in (("torch", False), ("triton", True), ("triton", False)):
+        engine = Engine(EngineConfig(model=path, load_format="dummy", device="cuda", dtype="float32",
+                                     attention_backend=backend, cuda_graphs=graphs, num_blocks=600,
+                                     max_num_seqs=16, max_num_batched_tokens=512, seed=3))
+        engine.generate([system + [1]], params)  # puts the system prompt's blocks in the cache
+        shared_lens = []
+        forward = engine.runner.forward
+        engine.runner.forward = lambda batch: (shared_lens.append(batch.shared_prefix_len), forward(batch))[1]
+        results[backend, graphs] = [o.token_ids for o in engine.generate(prompts, params)]
+        del engine.runner.forward  # the wrapper refers to the runner: no cycle left behind
+        assert max(shared_lens) >= 144, "the decoding requests did not share the system prompt's blocks"
+        engine.check_integrity()
+        del engine
+    ref = results["torch", False]
     for key, got in results.items():
         mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
         assert not mismatches, f"{key}: prompts {mismatches} differ from the torch backend"

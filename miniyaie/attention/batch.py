@@ -18,6 +18,10 @@ class ForwardBatch:
     sequence feeds exactly one. New token ``j`` of sequence ``i`` sits at position
     ``seq_lens[i] - q_lens[i] + j`` and attends to every earlier token of the sequence — cached
     prefix, earlier chunks and itself — through the sequence's block table.
+
+    ``shared_prefix_len`` counts the leading tokens that every decode sequence (when there are at
+    least two) reads from the very same blocks — a cached system prompt, say; cascade attention
+    reads them once for the whole batch.
     """
 
     input_ids: torch.Tensor  # [T] int64
@@ -30,10 +34,12 @@ class ForwardBatch:
     num_extends: int  # sequences [0, num_extends) are extends; the rest decode
     logits_indices: torch.Tensor  # [S] int64: rows of the flat list whose logits are needed
     block_size: int
+    shared_prefix_len: int = 0
     # device copies the GPU kernels read; the torch backend uses the cpu ones
     seq_lens_device: Optional[torch.Tensor] = None
     q_lens_device: Optional[torch.Tensor] = None
     cu_q_lens_device: Optional[torch.Tensor] = None
+    shared_prefix_len_device: Optional[torch.Tensor] = None  # [1] int32
 
     @property
     def num_seqs(self) -> int:
@@ -70,6 +76,7 @@ class ForwardBatch:
         seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
         positions = starts[seq_of_token] + (np.arange(int(cu[-1])) - cu[:-1][seq_of_token])
         slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        shared = shared_prefix_len(tables[num_extends:], seq_lens[num_extends:], block_size)
         logits_indices = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(cu[-1]))
 
@@ -91,7 +98,20 @@ class ForwardBatch:
             num_extends=num_extends,
             logits_indices=on_device(logits_indices, torch.int64),
             block_size=block_size,
+            shared_prefix_len=shared,
             seq_lens_device=seq_lens_t if on_cpu else seq_lens_t.to(device, non_blocking=True),
             q_lens_device=q_lens_t if on_cpu else q_lens_t.to(device, non_blocking=True),
             cu_q_lens_device=cu_t if on_cpu else cu_t.to(device, non_blocking=True),
+            shared_prefix_len_device=None if on_cpu or not shared else on_device(np.array([shared]), torch.int32),
         )
+
+
+def shared_prefix_len(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+    """Tokens at the start of every sequence that live in the same blocks for all of them (0 for
+    fewer than two sequences). Only full blocks are ever shared (a sequence writes into its own
+    last block), so the common leading block ids, capped by the shortest sequence, are exact."""
+    if len(tables) < 2:
+        return 0
+    same = (tables == tables[0]).all(axis=0)
+    common_blocks = int(np.argmin(same)) if not same.all() else len(same)
+    return min(common_blocks * block_size, int(seq_lens.min()))

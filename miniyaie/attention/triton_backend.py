@@ -1,10 +1,12 @@
 """The Triton attention backend (CUDA): fused KV store, one extend launch, one decode launch per layer.
 
-Per layer the work is at most four launches whatever the batch: store K/V for every new token;
+Per layer the work is at most five launches whatever the batch: store K/V for every new token;
 prefix-aware extend attention for all prefill chunks (cached prefix + causal self); paged decode
 attention for all decoding sequences (split along the context when the batch alone cannot fill
-the GPU, then a small reduce). Nothing here reads device memory on the host, so a decode step
-can be captured in a CUDA graph (see ``miniyaie.cuda_graphs``).
+the GPU); when the decoding sequences share cached prefix blocks, *cascade* attention over that
+prefix, read once for the whole batch; then a small reduce that merges the pieces. Nothing here
+reads device memory on the host, so a decode step can be captured in a CUDA graph (see
+``miniyaie.cuda_graphs``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import triton
 
 from miniyaie.attention.backend import AttentionBackend, register_backend
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.attention.triton_kernels import decode_attention, extend_attention, store_kv
+from miniyaie.attention.triton_kernels import (CascadeScratch, tile_sizes, decode_attention,
+                                               extend_attention, store_kv)
 
 MAX_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, reduce) outweighs the parallelism
@@ -37,18 +40,24 @@ class _TritonPlan:
     extend_tokens: int  # rows of q that belong to extends; decodes start here
     max_q_len: int  # longest extend chunk (grid size)
     max_seq_len: int  # longest decode context (split heuristic); graph capture passes the ceiling
+    shared_len: Optional[torch.Tensor]  # device scalar: cascade over a shared prefix when set
+    max_shared_len: int  # for the prefix split heuristic
     num_splits: Optional[int] = None  # fixed at the first layer, once the head counts are known
     mid_o: Optional[torch.Tensor] = None  # split-K scratch, shared by every layer of the step
     mid_lse: Optional[torch.Tensor] = None
+    cascade: Optional[CascadeScratch] = None
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Attention through the kernels in ``triton_kernels``; reads the device copies of the
     step's lengths (``seq_lens_device``, ``cu_q_lens_device``) and the device block tables.
 
-    ``plan`` reads only host values (lengths, counts) and allocates nothing; the split-K scratch
-    is allocated by the first layer's ``forward`` and reused by the rest, so under CUDA-graph
-    capture it lands in the graph's memory pool and replays allocate nothing.
+    ``plan`` reads only host values (lengths, counts) and allocates nothing; the split-K and
+    cascade scratch is allocated by the first layer's ``forward`` and reused by the rest, so under
+    CUDA-graph capture it lands in the graph's memory pool and replays allocate nothing. Cascade
+    runs when the batch carries ``shared_prefix_len_device`` and two or more sequences decode: an
+    eager step only when they do share blocks, a captured graph always (the shared length is one
+    of its inputs and may be 0).
     """
 
     name = "triton"
@@ -62,14 +71,19 @@ class TritonAttentionBackend(AttentionBackend):
         num_extends = batch.num_extends
         num_decodes = batch.num_seqs - num_extends
         q_lens, seq_lens = batch.q_lens, batch.seq_lens
+        capturing = max_seq_len is not None  # a graph: the lengths are known only at replay
         if max_seq_len is None:
             max_seq_len = int(seq_lens[num_extends:].max()) if num_decodes else 0
+        shared = batch.shared_prefix_len
+        cascade = num_decodes >= 2 and batch.shared_prefix_len_device is not None
         self._plan = _TritonPlan(
             num_extends=num_extends,
             num_decodes=num_decodes,
             extend_tokens=int(batch.cu_q_lens[num_extends]),
             max_q_len=int(q_lens[:num_extends].max()) if num_extends else 0,
-            max_seq_len=max_seq_len,
+            max_seq_len=max_seq_len - shared,
+            shared_len=batch.shared_prefix_len_device if cascade else None,
+            max_shared_len=max_seq_len if capturing else shared,
         )
 
     def forward(self, q, k, v, k_cache, v_cache, scale, batch):
@@ -83,19 +97,29 @@ class TritonAttentionBackend(AttentionBackend):
                              batch.block_size, plan.num_extends, plan.max_q_len)
         if plan.num_decodes:
             if plan.num_splits is None:
-                plan.num_splits = num_decode_splits(plan.num_decodes, k_cache.shape[1],
-                                                    plan.max_seq_len, self._num_sms)
-                if plan.num_splits > 1:
-                    heads, dim = q.shape[1], q.shape[2]
-                    plan.mid_o = torch.empty(plan.num_decodes, heads, plan.num_splits, dim,
-                                             dtype=torch.float32, device=q.device)
-                    plan.mid_lse = torch.empty(plan.num_decodes, heads, plan.num_splits,
-                                               dtype=torch.float32, device=q.device)
+                self._allocate_scratch(plan, q, k_cache.shape[1])
             decode_attention(q, k_cache, v_cache, batch.block_tables, seq_lens, out, scale,
                              batch.block_size, plan.num_splits, plan.mid_o, plan.mid_lse,
                              q_row0=plan.extend_tokens, seq0=plan.num_extends,
-                             num_seqs=plan.num_decodes)
+                             num_seqs=plan.num_decodes, cascade=plan.cascade)
         return out
+
+    def _allocate_scratch(self, plan: _TritonPlan, q: torch.Tensor, kv_heads: int) -> None:
+        """Choose the split counts and allocate the partial-result buffers for this step."""
+        batch, heads, dim = plan.num_decodes, q.shape[1], q.shape[2]
+
+        def partials(splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device),
+                    torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device))
+
+        plan.num_splits = num_decode_splits(batch, kv_heads, plan.max_seq_len, self._num_sms)
+        if plan.num_splits > 1 or plan.shared_len is not None:
+            plan.mid_o, plan.mid_lse = partials(plan.num_splits)
+        if plan.shared_len is not None:
+            # the shared kernel's programs are tiles of (sequence, head) rows, not sequences
+            row_tiles = triton.cdiv(batch * (heads // kv_heads), tile_sizes(q.dtype, dim)[0])
+            splits = num_decode_splits(row_tiles, kv_heads, plan.max_shared_len, self._num_sms)
+            plan.cascade = CascadeScratch(plan.shared_len, *partials(splits))
 
 
 register_backend("triton", TritonAttentionBackend)
