@@ -1,0 +1,91 @@
+"""BlasLinear (numpy's OpenBLAS) against torch's F.linear, and the swap of a model's Linears."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miniyaie.cpu_linear import BlasLinear, use_blas_linears
+from miniyaie.model import LlamaFamilyModel, ModelArgs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_features,out_features", [(64, 128), (576, 960), (1536, 576), (576, 3072)])
+def test_blas_linear_matches_f_linear(in_features, out_features, bias):
+    gen = torch.Generator().manual_seed(in_features * out_features + bias)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    b = torch.randn(out_features, generator=gen) if bias else None
+    layer = BlasLinear(weight, b)
+    with torch.inference_mode():  # as the engine runs it
+        for m in (1, 2, 3, 5, 8, 16, 17, 31, 40, 65, 150):  # > BLAS_MAX_ROWS: torch.mm
+            x = torch.randn(m, in_features, generator=gen)
+            got = layer(x)
+            assert got.shape == (m, out_features) and got.dtype == torch.float32
+            torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_blas_linear_takes_any_layout():
+    """Leading dims, a strided view, no rows, and (outside inference mode) an input needing grad."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    layer = BlasLinear(weight, bias)
+    for x in (torch.randn(2, 3, 64, generator=gen), torch.randn(64, 7, generator=gen).t(),
+              torch.randn(4, 128, generator=gen)[:, ::2], torch.randn(0, 64),
+              torch.randn(5, 64, generator=gen, requires_grad=True)):
+        torch.testing.assert_close(layer(x), F.linear(x, weight, bias).detach(), rtol=1e-5, atol=1e-5)
+
+
+def tiny_args(tied: bool) -> ModelArgs:
+    return ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+                     max_position_embeddings=64, tie_word_embeddings=tied, qkv_bias=True, qk_norm=False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_swap_replaces_every_linear_and_keeps_the_values(tied):
+    model = LlamaFamilyModel(tiny_args(tied))
+    model.init_dummy_weights(seed=0)
+    if tied:
+        assert model.lm_head.weight is model.embed_tokens.weight
+    embedding = model.embed_tokens.weight
+    before = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+              for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(before) == 2 * 4 + 1 and before["layers.0.self_attn.qkv_proj"][1] is not None
+
+    assert use_blas_linears(model) is model
+    modules = dict(model.named_modules())
+    assert not any(isinstance(m, nn.Linear) for m in modules.values())
+    assert model.embed_tokens.weight is embedding  # the embedding stays a torch parameter
+    for name, (weight, bias) in before.items():
+        assert isinstance(modules[name], BlasLinear)
+        x = torch.randn(5, weight.shape[1])
+        torch.testing.assert_close(modules[name](x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    if tied:  # the head's copy holds the embedding's values, transposed
+        assert torch.equal(model.lm_head.weight_t, embedding.detach().t())
+
+
+def test_runner_uses_blas_linears_for_cpu_fp32_only_where_mkl_is_slow(tiny_loaded, monkeypatch):
+    from miniyaie import EngineConfig, model_runner
+    from miniyaie.model_runner import ModelRunner
+
+    monkeypatch.setattr(model_runner, "mkl_is_slow_here", lambda: True)
+
+    loaded = tiny_loaded("qwen2")  # tied head, qkv bias
+    config = EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", num_blocks=8)
+    model = ModelRunner(config, loaded.hf_config, loaded.weights).model
+    assert isinstance(model.lm_head, BlasLinear) and isinstance(model.layers[0].self_attn.qkv_proj, BlasLinear)
+    assert torch.equal(model.lm_head.weight_t, model.embed_tokens.weight.detach().t())
+    for other in (dict(dtype="bfloat16"), dict(quantization="int8")):  # int8: quantize_dynamic's Linears
+        config = EngineConfig(model=loaded.source_dir, device="cpu", num_blocks=8, **{"dtype": "float32", **other})
+        assert not isinstance(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head, BlasLinear)
+    monkeypatch.setattr(model_runner, "mkl_is_slow_here", lambda: False)  # an Intel CPU: MKL stays
+    config = EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", num_blocks=8)
+    assert type(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head) is torch.nn.Linear
+
+
+def test_mkl_is_slow_here_reads_the_cpu_vendor():
+    from miniyaie.cpu_linear import mkl_is_slow_here
+    with open("/proc/cpuinfo") as cpuinfo:
+        amd = "AuthenticAMD" in cpuinfo.read()
+    assert mkl_is_slow_here() == (amd and torch.backends.mkl.is_available())
