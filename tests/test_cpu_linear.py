@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniyaie.cpu_linear import BlasLinear, use_blas_linears
+from miniyaie.cpu_linear import BlasLinear, transposed, use_blas_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
 
@@ -23,6 +23,13 @@ def test_blas_linear_matches_f_linear(in_features, out_features, bias):
             got = layer(x)
             assert got.shape == (m, out_features) and got.dtype == torch.float32
             torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (256, 7), (257, 64), (1000, 576), (576, 1536)])
+def test_transposed_copy(shape):
+    weight = torch.randn(*shape)
+    got = transposed(weight)
+    assert got.is_contiguous() and torch.equal(got, weight.t())
 
 
 def test_blas_linear_takes_any_layout():
