@@ -55,9 +55,9 @@ class TritonAttentionBackend(AttentionBackend):
     ``plan`` reads only host values (lengths, counts) and allocates nothing; the split-K and
     cascade scratch is allocated by the first layer's ``forward`` and reused by the rest, so under
     CUDA-graph capture it lands in the graph's memory pool and replays allocate nothing. Cascade
-    runs when the batch carries ``shared_prefix_len_device`` and two or more sequences decode: an
-    eager step only when they do share blocks, a captured graph always (the shared length is one
-    of its inputs and may be 0).
+    runs when the batch carries ``shared_prefix_len_device`` and two or more sequences decode: in
+    an eager step when they do share blocks; under capture, in the cascade variant of each graph
+    (``miniyaie.cuda_graphs``), whose shared length is an input read at replay.
     """
 
     name = "triton"

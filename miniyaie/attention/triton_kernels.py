@@ -186,7 +186,7 @@ def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, SharedLen, PreO, PreLs
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = BlockTables + seq0.to(tl.int64) * stride_bt  # any decoding row: the shared blocks are the same
+    table = BlockTables + seq0 * stride_bt  # any decoding row: the shared blocks are the same
     m_i, l_i, acc = _attend(q, 0, KCache, VCache, table, start, end, kvh, qk_scale, stride_cs, stride_ch,
                             m_i, l_i, acc, HEAD_DIM, PAGE, BLOCK_N, BLOCK_D, False, PRECISION)
     _store_partial(PreO, PreLse, b[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
