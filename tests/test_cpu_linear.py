@@ -1,4 +1,4 @@
-"""BlasLinear (numpy's OpenBLAS) against torch's F.linear, and the swap of a model's Linears."""
+"""PackedLinear (oneDNN on a prepacked weight) against torch's F.linear, and the swap of a model's Linears."""
 from __future__ import annotations
 
 import pytest
@@ -6,41 +6,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniyaie.cpu_linear import BlasLinear, transposed, use_blas_linears
+from miniyaie.cpu_linear import PackedLinear, use_packed_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_features,out_features", [(64, 128), (576, 960), (1536, 576), (576, 3072)])
-def test_blas_linear_matches_f_linear(in_features, out_features, bias):
+def test_packed_linear_matches_f_linear(in_features, out_features, bias):
     gen = torch.Generator().manual_seed(in_features * out_features + bias)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     b = torch.randn(out_features, generator=gen) if bias else None
-    layer = BlasLinear(weight, b)
+    layer = PackedLinear(weight, b)
     with torch.inference_mode():  # as the engine runs it
-        for m in (1, 2, 3, 5, 8, 16, 17, 31, 40, 65, 150):  # > BLAS_MAX_ROWS: torch.mm
+        for m in (1, 2, 3, 5, 8, 16, 17, 31, 40, 65, 150, 300):  # decode batches and prefill chunks
             x = torch.randn(m, in_features, generator=gen)
             got = layer(x)
             assert got.shape == (m, out_features) and got.dtype == torch.float32
             torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (256, 7), (257, 64), (1000, 576), (576, 1536)])
-def test_transposed_copy(shape):
-    weight = torch.randn(*shape)
-    got = transposed(weight)
-    assert got.is_contiguous() and torch.equal(got, weight.t())
-
-
-def test_blas_linear_takes_any_layout():
-    """Leading dims, a strided view, no rows, and (outside inference mode) an input needing grad."""
+def test_packed_linear_takes_any_layout():
+    """Leading dims, strided views, no rows, and (outside inference mode) an input needing grad."""
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
-    layer = BlasLinear(weight, bias)
+    layer = PackedLinear(weight, bias)
     for x in (torch.randn(2, 3, 64, generator=gen), torch.randn(64, 7, generator=gen).t(),
               torch.randn(4, 128, generator=gen)[:, ::2], torch.randn(0, 64),
               torch.randn(5, 64, generator=gen, requires_grad=True)):
-        torch.testing.assert_close(layer(x), F.linear(x, weight, bias).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x).detach(), F.linear(x, weight, bias).detach(), rtol=1e-5, atol=1e-5)
 
 
 def tiny_args(tied: bool) -> ModelArgs:
@@ -60,39 +55,26 @@ def test_swap_replaces_every_linear_and_keeps_the_values(tied):
               for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert len(before) == 2 * 4 + 1 and before["layers.0.self_attn.qkv_proj"][1] is not None
 
-    assert use_blas_linears(model) is model
+    assert use_packed_linears(model) is model
     modules = dict(model.named_modules())
     assert not any(isinstance(m, nn.Linear) for m in modules.values())
     assert model.embed_tokens.weight is embedding  # the embedding stays a torch parameter
     for name, (weight, bias) in before.items():
-        assert isinstance(modules[name], BlasLinear)
+        assert isinstance(modules[name], PackedLinear)
         x = torch.randn(5, weight.shape[1])
         torch.testing.assert_close(modules[name](x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    if tied:  # the head's copy holds the embedding's values, transposed
-        assert torch.equal(model.lm_head.weight_t, embedding.detach().t())
 
 
-def test_runner_uses_blas_linears_for_cpu_fp32_only_where_mkl_is_slow(tiny_loaded, monkeypatch):
-    from miniyaie import EngineConfig, model_runner
+def test_runner_packs_the_linears_for_cpu_fp32_only(tiny_loaded):
+    from miniyaie import EngineConfig
     from miniyaie.model_runner import ModelRunner
-
-    monkeypatch.setattr(model_runner, "mkl_is_slow_here", lambda: True)
 
     loaded = tiny_loaded("qwen2")  # tied head, qkv bias
     config = EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", num_blocks=8)
     model = ModelRunner(config, loaded.hf_config, loaded.weights).model
-    assert isinstance(model.lm_head, BlasLinear) and isinstance(model.layers[0].self_attn.qkv_proj, BlasLinear)
-    assert torch.equal(model.lm_head.weight_t, model.embed_tokens.weight.detach().t())
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
+    x = torch.randn(3, model.args.hidden_size)
+    torch.testing.assert_close(model.lm_head(x), F.linear(x, model.embed_tokens.weight), rtol=1e-5, atol=1e-5)
     for other in (dict(dtype="bfloat16"), dict(quantization="int8")):  # int8: quantize_dynamic's Linears
         config = EngineConfig(model=loaded.source_dir, device="cpu", num_blocks=8, **{"dtype": "float32", **other})
-        assert not isinstance(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head, BlasLinear)
-    monkeypatch.setattr(model_runner, "mkl_is_slow_here", lambda: False)  # an Intel CPU: MKL stays
-    config = EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", num_blocks=8)
-    assert type(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head) is torch.nn.Linear
-
-
-def test_mkl_is_slow_here_reads_the_cpu_vendor():
-    from miniyaie.cpu_linear import mkl_is_slow_here
-    with open("/proc/cpuinfo") as cpuinfo:
-        amd = "AuthenticAMD" in cpuinfo.read()
-    assert mkl_is_slow_here() == (amd and torch.backends.mkl.is_available())
+        assert not isinstance(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head, PackedLinear)
