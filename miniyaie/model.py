@@ -103,26 +103,29 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, looked up per token (positions differ per sequence)."""
+    """cos/sin tables for every position, looked up once per forward (positions differ per
+    sequence) and shared by every layer. Stored in the layout ``rotate`` takes — cos repeated over
+    both halves of head_dim, sin negated on the first half — so a rotation is two products and a sum."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         # computed on the CPU even while the model is built on the meta device (tables, not weights)
         positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, rope_inv_freq(args))
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [T, 1, D] each
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF's "rotate_half" layout: the first and second halves of head_dim form the pairs
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [T, heads, D] in HF's "rotate_half" layout (the first and second
+    halves of head_dim form the pairs): x * cos + (x2, x1) * (-sin, sin), in fp32."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -137,15 +140,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.attn = RadixAttentionWithPagedKVCache(layer_id, args.num_heads, args.num_kv_heads, args.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                ctx: AttentionContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: AttentionContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        heads = self.num_heads + self.num_kv_heads
+        q_and_k = qkv[:, :self.q_size + self.kv_size].view(-1, heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalises each head before the rotation
+            q_and_k = torch.cat((self.q_norm(q_and_k[:, :self.num_heads]), self.k_norm(q_and_k[:, self.num_heads:])), 1)
+        # the query and key heads rotate together: one set of elementwise ops per layer, not two
+        q, k = rotate(q_and_k, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, ctx).flatten(1))
 
 
@@ -168,8 +171,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, positions, rope, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, ctx)
+    def forward(self, x, rope, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,8 +197,9 @@ class LlamaFamilyModel(nn.Module):
     def forward(self, ctx: AttentionContext) -> torch.Tensor:
         batch = ctx.batch
         x = self.embed_tokens(batch.input_ids)
+        rope = self.rope(batch.positions)
         for layer in self.layers:
-            x = layer(x, batch.positions, self.rope, ctx)
+            x = layer(x, rope, ctx)
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
 
