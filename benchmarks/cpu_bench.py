@@ -1,9 +1,11 @@
 """CPU benchmarks: Mini-YAIE vs transformers on the embedded SmolLM2-135M-Instruct, same dtype, same run.
 
-    python benchmarks/cpu_bench.py [--dtype float32] [--only chat_burst,single_stream,shared_prefix,startup]
+    python benchmarks/cpu_bench.py [--dtype float32] [--rounds 3] [--only chat_burst,single_stream,shared_prefix,startup]
 
 Prints one markdown table per workload (ours and the peer side by side, with the ratio); paste
-them into benchmarks/RESULTS.md. Progress goes to stderr.
+them into benchmarks/RESULTS.md. Progress goes to stderr. Chat burst and single stream run
+``--rounds`` times, ours and the peer's ``generate`` taking turns, because a shared 2-core machine
+drifts by 10-20% from one minute to the next: the tables give medians and each round's ratio.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,23 +78,33 @@ def new_engine(args, **overrides) -> Engine:
     return Engine(EngineConfig(**config), loaded=args.loaded)
 
 
+def ratio_cell(ours: list[float], peer: list[float]) -> str:
+    """The median ratio and each round's, in order (ours and the peer measured back to back)."""
+    ratios = [a / b for a, b in zip(ours, peer)]
+    return f"{statistics.median(ratios):.2f}x ({' / '.join(f'{r:.2f}' for r in ratios)})"
+
+
 def chat_burst(args, peer: Peer) -> str:
     engine = new_engine(args)
     prompts = [engine.tokenize(p) for p in chat_burst_prompts(16)]
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    engine.clear_cache()
     log(f"chat burst: 16 x ({len(prompts[0])}-{max(map(len, prompts))} prompt tokens), 64 new tokens each")
-    started = time.perf_counter()
-    engine.generate(prompts, params)
-    ours = 16 * 64 / (time.perf_counter() - started)
-    log(f"  Mini-YAIE {ours:.1f} tok/s; transformers generate…")
-    peer_static = 16 * 64 / peer.generate(prompts, 64)
-    log(f"  transformers generate {peer_static:.1f} tok/s; generate_batch…")
+    ours, peer_static = [], []
+    for round_ in range(args.rounds):
+        engine.clear_cache()  # every round starts cold: the system prompt is computed once per round
+        started = time.perf_counter()
+        engine.generate(prompts, params)
+        ours.append(16 * 64 / (time.perf_counter() - started))
+        peer_static.append(16 * 64 / peer.generate(prompts, 64))
+        log(f"  round {round_ + 1}: Mini-YAIE {ours[-1]:.1f} tok/s, transformers generate {peer_static[-1]:.1f}")
+    log("  transformers generate_batch (once: it is 3-4x behind, and a round takes a minute)…")
     peer_cb = 16 * 64 / peer.generate_batch(prompts, 64)
-    return table("Chat burst (16 chats, shared ~200-token system prompt, 64 new tokens, greedy)", [
-        ("output tok/s vs `generate` (padded batch of 16)", f"{ours:.1f}", f"{peer_static:.1f}", f"{ours / peer_static:.2f}x"),
-        ("output tok/s vs `generate_batch` (paged, continuous)", f"{ours:.1f}", f"{peer_cb:.1f}", f"{ours / peer_cb:.2f}x"),
+    med = statistics.median
+    return table(f"Chat burst (16 chats, shared ~200-token system prompt, 64 new tokens, greedy; {args.rounds} rounds)", [
+        ("output tok/s vs `generate` (padded batch of 16)", f"{med(ours):.1f}", f"{med(peer_static):.1f}",
+         ratio_cell(ours, peer_static)),
+        ("output tok/s vs `generate_batch` (paged, continuous)", f"{ours[-1]:.1f}", f"{peer_cb:.1f}", f"{ours[-1] / peer_cb:.2f}x"),
     ])
 
 
@@ -100,15 +113,18 @@ def single_stream(args, peer: Peer) -> str:
     prompt = engine.tokenize([{"role": "user", "content": "Tell me a long story about a robot who learns to paint."}])
     engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     log("single stream: 128 new tokens")
-    out = engine.generate([prompt], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
-    ttft = out.metrics.ttft
-    decode = 127 / (out.metrics.finished - out.metrics.first_token)
-    t1 = min(peer.generate([prompt], 1) for _ in range(2))
-    t128 = peer.generate([prompt], 128)
-    peer_decode = 127 / (t128 - t1)
-    return table("Single stream (one chat, 128 new tokens, greedy)", [
-        ("decode tok/s", f"{decode:.1f}", f"{peer_decode:.1f}", f"{decode / peer_decode:.2f}x"),
-        ("TTFT (s)", f"{ttft:.3f}", f"{t1:.3f}", f"{t1 / ttft:.2f}x faster"),
+    decode, ttft, peer_decode, peer_ttft = [], [], [], []
+    for round_ in range(args.rounds):
+        out = engine.generate([prompt], SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
+        ttft.append(out.metrics.ttft)
+        decode.append(127 / (out.metrics.finished - out.metrics.first_token))
+        peer_ttft.append(min(peer.generate([prompt], 1) for _ in range(2)))
+        peer_decode.append(127 / (peer.generate([prompt], 128) - peer_ttft[-1]))
+        log(f"  round {round_ + 1}: Mini-YAIE {decode[-1]:.1f} tok/s, transformers {peer_decode[-1]:.1f}")
+    med = statistics.median
+    return table(f"Single stream (one chat, 128 new tokens, greedy; {args.rounds} rounds)", [
+        ("decode tok/s", f"{med(decode):.1f}", f"{med(peer_decode):.1f}", ratio_cell(decode, peer_decode)),
+        ("TTFT (s)", f"{med(ttft):.3f}", f"{med(peer_ttft):.3f}", f"{ratio_cell(peer_ttft, ttft)} faster"),
     ])
 
 
@@ -172,6 +188,7 @@ def startup(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=3, help="turns of ours and the peer (chat burst, single stream)")
     parser.add_argument("--only", default="chat_burst,single_stream,shared_prefix,startup")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
