@@ -36,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="'dummy' keeps the architecture but uses random weights")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
-    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default=None)
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton", "cpu"], default=None)
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV pool size (default: sized from memory)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")

@@ -21,7 +21,7 @@ class EngineConfig:
     device: str = "auto"  # "cpu" | "cuda" | "auto"
     dtype: str = "auto"  # "float32" | "bfloat16" | "float16" | "auto"
     quantization: Optional[str] = None  # None | "int8": dynamic int8 linears (CPU)
-    attention_backend: str = "auto"  # "torch" | "triton" | "auto" (triton on CUDA)
+    attention_backend: str = "auto"  # "torch" | "triton" | "cpu" | "auto" (triton on CUDA, cpu on the CPU)
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: size the pool from memory
     memory_fraction: float = 0.9  # share of free memory (after weights) the KV pool may take
@@ -54,8 +54,8 @@ class EngineConfig:
         check(self.quantization in (None, "int8"), "quantization", "must be None or 'int8'")
         check(self.quantization is None or self.device in ("cpu", "auto"), "quantization",
               "int8 runs on the CPU only (use dtype='bfloat16' on CUDA)")
-        check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
-              "must be 'auto', 'torch' or 'triton'")
+        check(self.attention_backend in ("auto", "torch", "triton", "cpu"), "attention_backend",
+              "must be 'auto', 'torch', 'triton' or 'cpu'")
         check(self.block_size > 0 and (self.block_size & (self.block_size - 1)) == 0, "block_size",
               "must be a positive power of two")
         check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks", "must be >= 2 or None")

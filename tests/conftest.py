@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from miniyaie import Engine, EngineConfig
+from miniyaie.attention import available_backends
 from miniyaie.loader import LoadedModel, load_model
 
 # Tiny models run several times faster on one thread than on a few contended ones (OpenMP
@@ -31,6 +32,8 @@ torch.set_num_threads(int(os.environ.get("MINIYAIE_TEST_THREADS", "1")))
 
 VOCAB = 49152
 BLOCK_SIZE = 4
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in available_backends(),
+                                      reason="the C decode kernel did not compile here (no C compiler?)")
 
 # name -> (config class, model class, config overrides)
 TINY_BASE = dict(

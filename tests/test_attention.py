@@ -16,6 +16,8 @@ import torch
 
 from miniyaie.attention import ForwardBatch, available_backends, create_backend
 
+from conftest import needs_cpu_kernel
+
 
 def dense_reference(q, k_new, v_new, k_prefix, v_prefix):
     """One sequence: q/k_new/v_new ``[n, H|KVH, D]``, prefix K/V ``[p, KVH, D]`` -> ``[n, H, D]``."""
@@ -47,10 +49,10 @@ def random_case(rng: random.Random, num_extends: int, num_decodes: int, block_si
 
 
 def check_backend(name: str, device: str, dtype: torch.dtype, seqs: list[tuple[int, int]],
-                  num_heads: int, num_kv_heads: int, block_size: int, seed: int, atol: float) -> None:
+                  num_heads: int, num_kv_heads: int, block_size: int, seed: int, atol: float,
+                  head_dim: int = 32, strided_q: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    head_dim = 32
     blocks_needed = [-(-(p + n) // block_size) for p, n in seqs]
     num_blocks = sum(blocks_needed) + 7
     # random non-contiguous block tables: a shuffled pool, dealt out to the sequences
@@ -68,6 +70,8 @@ def check_backend(name: str, device: str, dtype: torch.dtype, seqs: list[tuple[i
     v_cache = randn(num_blocks * block_size, num_kv_heads, head_dim).to(device)
     total = sum(n for _, n in seqs)
     q = randn(total, num_heads, head_dim).to(device)
+    if strided_q:  # as the model passes it: the query heads of a [T, H + KVH, D] rotation
+        q = torch.cat([q, randn(total, num_kv_heads, head_dim).to(device)], dim=1)[:, :num_heads]
     k = randn(total, num_kv_heads, head_dim).to(device)
     v = randn(total, num_kv_heads, head_dim).to(device)
     # the prefixes' K/V as they sit in the pool before the step
@@ -119,10 +123,44 @@ def test_torch_backend_edge_layouts(seqs):
                   seed=7, atol=1e-5)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("block_size", [4, 16, 32])
+@pytest.mark.parametrize("gqa", [1, 2, 3, 8])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_cpu_backend_matches_dense_reference(block_size, gqa, head_dim):
+    for seed in range(2):
+        rng = random.Random(seed * 100 + block_size + gqa + head_dim)
+        seqs = random_case(rng, num_extends=rng.randrange(0, 3), num_decodes=rng.randrange(1, 20),
+                           block_size=block_size, max_len=300)
+        check_backend("cpu", "cpu", torch.float32, seqs, num_heads=gqa * 2, num_kv_heads=2,
+                      block_size=block_size, seed=seed, atol=1e-5, head_dim=head_dim, strided_q=seed == 1)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("seqs", [
+    [(0, 1)],  # the very first token: one key
+    [(5, 1), (0, 1), (15, 1), (16, 1), (17, 1)],  # lengths around a block edge
+    [(7, 2), (0, 13), (1, 1), (200, 1)],  # extends in front of decodes
+])
+def test_cpu_backend_edge_layouts(seqs):
+    check_backend("cpu", "cpu", torch.float32, seqs, num_heads=6, num_kv_heads=2, block_size=16,
+                  seed=3, atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_cpu_backend_is_the_cpu_default_and_leaves_bf16_to_torch():
+    backend = create_backend("auto", torch.device("cpu"))
+    assert backend.name == "cpu"
+    check_backend("cpu", "cpu", torch.bfloat16, [(3, 4), (9, 1), (40, 1)], num_heads=4, num_kv_heads=2,
+                  block_size=16, seed=5, atol=3e-2)  # not the kernel's dtype: SDPA's path
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        create_backend("cpu", torch.device("meta"))
+
+
 def _gpu_backends() -> list[str]:
     if not torch.cuda.is_available():
         return ["torch"]  # the parameter exists so the skip is reported
-    return sorted(available_backends())
+    return sorted(name for name in available_backends() if name != "cpu")
 
 
 @pytest.mark.gpu

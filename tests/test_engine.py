@@ -17,7 +17,7 @@ import pytest
 from miniyaie import Engine, EngineConfig, SamplingParams
 from miniyaie.request import RequestStatus
 
-from conftest import BLOCK_SIZE, VOCAB, assert_drained
+from conftest import BLOCK_SIZE, VOCAB, assert_drained, needs_cpu_kernel
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -110,14 +110,18 @@ def reference_outputs(tiny_loaded):
     return outs
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernel)])
 @pytest.mark.parametrize("policy,budget", [("lpm", 2048), ("fcfs", 2048), ("lpm", 16), ("fcfs", 16)],
                          ids=["lpm", "fcfs", "lpm-chunked16", "fcfs-chunked16"])
-def test_greedy_output_independent_of_batching_cache_and_preemption(make_engine, reference_outputs, policy, budget):
+def test_greedy_output_independent_of_batching_cache_and_preemption(make_engine, reference_outputs, policy, budget,
+                                                                    backend):
+    """Against each prompt run alone on the torch backend: the cpu backend's C decode kernel too."""
     prompts = shared_prefix_workload()
     longest = max(len(p) for p in prompts) + MAX_TOKENS
     # just over what the longest request needs alone: 40 requests must evict and preempt
     num_blocks = -(-longest // BLOCK_SIZE) + 6
-    engine = make_engine(num_blocks=num_blocks, schedule_policy=policy, max_num_batched_tokens=budget)
+    engine = make_engine(num_blocks=num_blocks, schedule_policy=policy, max_num_batched_tokens=budget,
+                         attention_backend=backend)
     evicted = []  # counted independently of telemetry, which reads the tree's event log
     tree_evict = engine.scheduler.tree.evict
 

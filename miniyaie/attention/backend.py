@@ -36,9 +36,13 @@ def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None
 
 
 def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` picks Triton on CUDA (when it imports) and torch elsewhere."""
+    """``auto`` picks Triton on CUDA (when it imports), the C decode kernel on the CPU (where it
+    compiles) and torch elsewhere."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and "triton" in available_backends() else "torch"
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+        name = preferred if preferred in available_backends() else "torch"
+    elif name == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on the CPU, not on {device.type}")
     if name not in available_backends():
         raise ValueError(f"attention backend {name!r} is not available here; "
                          f"choose one of {sorted(available_backends())}")
@@ -51,4 +55,6 @@ def available_backends() -> dict[str, Callable[[], AttentionBackend]]:
             import miniyaie.attention.triton_backend  # noqa: F401  (registers itself)
         except ImportError:
             pass
+    if "cpu" not in _REGISTRY:  # registers itself where the C kernel compiles (once per machine)
+        import miniyaie.attention.cpu_backend  # noqa: F401
     return _REGISTRY

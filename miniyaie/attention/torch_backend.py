@@ -87,16 +87,21 @@ class TorchAttentionBackend(AttentionBackend):
                                                enable_gqa=True)
             out[p.start:p.end] = o[0].transpose(0, 1)
         if self._decode is not None:
-            d = self._decode
-            num_seqs, num_heads, head_dim = q.shape[0] - d.start, q.shape[1], q.shape[2]
-            kv_heads = k_cache.shape[1]
-            # the heads sharing KV head j are j*G .. j*G+G-1 (as transformers' repeat_kv)
-            qs = q[d.start:].view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)  # [B, KVH, G, D]
-            ks = _gather_blocks(k_cache, d.block_ids, batch.block_size, num_seqs)  # [B, KVH, L, D]
-            vs = _gather_blocks(v_cache, d.block_ids, batch.block_size, num_seqs)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, scale=scale)
-            out[d.start:] = o.reshape(num_seqs, num_heads, head_dim)
+            self._attend_decodes(q[self._decode.start:], k_cache, v_cache, scale, batch, out[self._decode.start:])
         return out
+
+    def _attend_decodes(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                        batch: ForwardBatch, out: torch.Tensor) -> None:
+        """Writes into ``out`` [B, H, D] the attention of the decode rows ``q`` [B, H, D]."""
+        d = self._decode
+        num_seqs, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[1]
+        # the heads sharing KV head j are j*G .. j*G+G-1 (as transformers' repeat_kv)
+        qs = q.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)  # [B, KVH, G, D]
+        ks = _gather_blocks(k_cache, d.block_ids, batch.block_size, num_seqs)  # [B, KVH, L, D]
+        vs = _gather_blocks(v_cache, d.block_ids, batch.block_size, num_seqs)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=d.mask, scale=scale)
+        out.copy_(o.reshape(num_seqs, num_heads, head_dim))
 
 
 register_backend("torch", TorchAttentionBackend)

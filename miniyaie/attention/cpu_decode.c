@@ -1,0 +1,89 @@
+/* Paged decode attention on the CPU, fp32: each decoding sequence's one new query token attends
+ * over every token in its blocks, reading K and V straight from the paged pool (no gather).
+ *
+ * One task per (sequence, KV head): the GROUP query heads sharing that KV head read each K/V row
+ * once. A block at a time: scores for its tokens, then one rescale of the running sums to the new
+ * maximum, then the weighted V rows (the online softmax of flash attention, per block instead of
+ * per token). Tasks run on the OpenMP runtime torch already loaded (same libgomp.so.1), so they
+ * share torch's threads instead of competing with a second pool.
+ *
+ * Built at run time by miniyaie/attention/cpu_kernels.py with -O3 -march=native -ffast-math: the
+ * dot products and exp vectorise. No infinities are used (fast-math assumes none): a running
+ * maximum starts at -1e30 and padding never reaches the kernel (lengths bound every loop).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK 256
+
+void paged_decode_attention(
+    const float *q, int64_t q_row_stride, int64_t q_head_stride,
+    const float *k_cache, const float *v_cache, /* [slots, num_kv_heads, head_dim], contiguous */
+    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+    float *out, int64_t out_row_stride, int64_t out_head_stride,
+    int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale)
+{
+    const int group = num_heads / num_kv_heads;
+    const int64_t row = (int64_t)num_kv_heads * head_dim; /* floats between a slot's K rows */
+
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < num_seqs; b++) {
+        for (int j = 0; j < num_kv_heads; j++) {
+            float qs[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+            float scores[MAX_GROUP][MAX_BLOCK], running_max[MAX_GROUP], denom[MAX_GROUP];
+            for (int g = 0; g < group; g++) {
+                const float *src = q + b * q_row_stride + (int64_t)(j * group + g) * q_head_stride;
+                for (int d = 0; d < head_dim; d++) {
+                    qs[g][d] = src[d] * scale;
+                    acc[g][d] = 0.0f;
+                }
+                running_max[g] = -1e30f;
+                denom[g] = 0.0f;
+            }
+            const int64_t len = seq_lens[b];
+            for (int64_t start = 0; start < len; start += block_size) {
+                const int n = (int)(len - start < block_size ? len - start : block_size);
+                const int64_t block = block_tables[b * table_stride + start / block_size];
+                const float *k_rows = k_cache + block * block_size * row + (int64_t)j * head_dim;
+                const float *v_rows = v_cache + block * block_size * row + (int64_t)j * head_dim;
+                for (int g = 0; g < group; g++) {
+                    float block_max = -1e30f;
+                    for (int t = 0; t < n; t++) {
+                        const float *k = k_rows + t * row;
+                        float dot = 0.0f;
+                        for (int d = 0; d < head_dim; d++)
+                            dot += qs[g][d] * k[d];
+                        scores[g][t] = dot;
+                        block_max = dot > block_max ? dot : block_max;
+                    }
+                    const float new_max = block_max > running_max[g] ? block_max : running_max[g];
+                    const float rescale = expf(running_max[g] - new_max);
+                    running_max[g] = new_max;
+                    denom[g] *= rescale;
+                    for (int d = 0; d < head_dim; d++)
+                        acc[g][d] *= rescale;
+                    for (int t = 0; t < n; t++) {
+                        scores[g][t] = expf(scores[g][t] - new_max);
+                        denom[g] += scores[g][t];
+                    }
+                }
+                for (int t = 0; t < n; t++) {
+                    const float *v = v_rows + t * row;
+                    for (int g = 0; g < group; g++) {
+                        const float p = scores[g][t];
+                        for (int d = 0; d < head_dim; d++)
+                            acc[g][d] += p * v[d];
+                    }
+                }
+            }
+            for (int g = 0; g < group; g++) {
+                float *dst = out + b * out_row_stride + (int64_t)(j * group + g) * out_head_stride;
+                const float inv = 1.0f / denom[g];
+                for (int d = 0; d < head_dim; d++)
+                    dst[d] = acc[g][d] * inv;
+            }
+        }
+    }
+}
