@@ -15,27 +15,38 @@ machine over all of SmolLM2-135M's weights (30 layers' four Linears and the 49,1
 
 Packing for 16 rows was best or within 5% of the best at every size from 1 to 256 (packing per
 size brings nothing). The reorder takes ~0.4 s for the whole model at start-up.
+
+A single row (one sequence decoding) is a stream over the weights, and there the C ``gemv``
+(``miniyaie/csrc/gemv.c``) reads them faster (36 ms instead of 49-52 for the whole model, ~15 GB/s)
+from the weight as loaded, which is kept beside the packed copy for it (+430 MiB for SmolLM2:
+the tied head's plain weight is the embedding itself).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from miniyaie.cpu_kernels import gemv, load_cpu_kernels
+
 PACKED_FOR_ROWS = 16  # the batch size oneDNN is told to expect when it chooses the blocking
 
 
 class PackedLinear(nn.Module):
-    """``F.linear(x, weight, bias)`` for fp32 CPU tensors with the weight held in oneDNN's packed
-    layout. Owns that packed copy (a plain attribute, not a parameter: ``.to()`` and ``state_dict``
-    don't see it); the caller's weight can be freed. Inference only."""
+    """``F.linear(x, weight, bias)`` for fp32 CPU tensors: one contiguous row through the C
+    ``gemv`` on the weight as given, anything else through oneDNN on its packed copy. Holds both
+    as plain attributes (not parameters: ``.to()`` and ``state_dict`` don't see them); without
+    the C kernels only the packed copy is kept. Inference only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+        self.weight = weight.detach().contiguous() if load_cpu_kernels() is not None else None
         self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous():
+            return gemv(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -49,7 +60,7 @@ def packed_linears_available() -> bool:
 
 def use_packed_linears(model: nn.Module) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` (fp32, CPU, weights loaded) for a ``PackedLinear``, in
-    place. A head tied to the embedding gets its own packed copy; the embedding stays."""
+    place. A head tied to the embedding gets its own packed copy; its plain weight stays the embedding."""
     linears = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name in linears:  # one at a time, so each old weight is freed before the next copy

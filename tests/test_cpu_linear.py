@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miniyaie.cpu_kernels import gemv
 from miniyaie.cpu_linear import PackedLinear, use_packed_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
+
+from conftest import needs_cpu_kernel as needs_cpu_kernels
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -25,6 +28,32 @@ def test_packed_linear_matches_f_linear(in_features, out_features, bias):
             got = layer(x)
             assert got.shape == (m, out_features) and got.dtype == torch.float32
             torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_features,out_features", [(1, 1), (3, 5), (576, 960), (1536, 576), (576, 49152)])
+def test_gemv_matches_f_linear(in_features, out_features, bias):
+    """The C kernel a single row takes (PackedLinear sends it there), on fresh random inputs."""
+    gen = torch.Generator().manual_seed(in_features + out_features + bias)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    b = torch.randn(out_features, generator=gen) if bias else None
+    x = torch.randn(1, in_features, generator=gen)
+    torch.testing.assert_close(gemv(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernels
+def test_one_row_goes_through_gemv(monkeypatch):
+    from miniyaie import cpu_linear
+    calls = []
+    monkeypatch.setattr(cpu_linear, "gemv", lambda *args: calls.append(args) or gemv(*args))
+    weight = torch.randn(96, 64)
+    layer = PackedLinear(weight, None)
+    assert layer.weight.data_ptr() == weight.data_ptr()  # the plain weight is kept as given, not copied
+    layer(torch.randn(1, 64))
+    layer(torch.randn(2, 64))
+    layer(torch.randn(64, 2).t()[:1])  # one row, but strided: oneDNN
+    assert len(calls) == 1
 
 
 def test_packed_linear_takes_any_layout():
@@ -63,6 +92,8 @@ def test_swap_replaces_every_linear_and_keeps_the_values(tied):
         assert isinstance(modules[name], PackedLinear)
         x = torch.randn(5, weight.shape[1])
         torch.testing.assert_close(modules[name](x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    if tied and model.lm_head.weight is not None:  # the head's plain weight is the embedding, not a copy
+        assert model.lm_head.weight.data_ptr() == embedding.data_ptr()
 
 
 def test_runner_packs_the_linears_for_cpu_fp32_only(tiny_loaded):

@@ -5,13 +5,13 @@ import torch
 
 from miniyaie.attention.backend import register_backend
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.attention.cpu_kernels import kernel_supports, load_decode_kernel, paged_decode_attention
 from miniyaie.attention.torch_backend import TorchAttentionBackend
+from miniyaie.cpu_kernels import kernel_supports, load_cpu_kernels, paged_decode_attention
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """Extends go through SDPA as in the torch backend (prefill chunks: SDPA's tiles pay off);
-    decodes go through ``cpu_decode.c``, which reads each sequence's K/V rows in place instead of
+    decodes go through ``csrc/paged_decode_attention.c``, which reads each sequence's K/V rows in place instead of
     gathering them into a padded copy first — on the 2-core dev machine, 16 chats decoding
     spend ~3x less time in attention. fp32 only: other dtypes (and shapes beyond the kernel's
     bounds) take the torch backend's path."""
@@ -27,5 +27,5 @@ class CpuAttentionBackend(TorchAttentionBackend):
                                scale, batch.block_size)
 
 
-if load_decode_kernel() is not None:
+if load_cpu_kernels() is not None:
     register_backend("cpu", CpuAttentionBackend)

@@ -1,10 +1,14 @@
-"""The CPU's C kernel (``cpu_decode.c``): compiled on first use with the machine's C compiler,
-cached, and called through ctypes on torch tensors' memory.
+"""The CPU's C kernels (``miniyaie/csrc/*.c``): compiled on first use with the machine's C
+compiler into one library, cached, and called through ctypes on torch tensors' memory.
+
+- ``paged_decode_attention``: decode attention reading K/V in place from the paged pool
+  (the ``cpu`` attention backend).
+- ``gemv``: a Linear applied to one token (``PackedLinear`` at decode batches of one).
 
 Compiling takes about a second and happens once per machine: the library is cached under the
-model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the source, the flags, the compiler
+model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
 and the CPU (it is built with ``-march=native``, so a cache carried to another CPU is rebuilt).
-Where there is no C compiler the kernel is simply not available and attention stays on torch.
+Where there is no C compiler the kernels are not available and torch's ops do the work.
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (cpu_decode.c)
+MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_decode_attention.c)
 
 
 def _cpu_description() -> bytes:
@@ -38,29 +42,30 @@ def _say(message: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_decode_kernel() -> ctypes.CDLL | None:
-    """The compiled ``paged_decode_attention``, or None where it cannot be built here."""
+def load_cpu_kernels() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be built here."""
     from miniyaie.loader import default_cache_dir
 
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _say("no C compiler found (cc/gcc): CPU decode attention runs on torch's SDPA, which is slower; "
-             "install gcc to use the C kernel")
+        _say("no C compiler found (cc/gcc): decode attention and one-token Linears run on torch's ops, "
+             "which are slower on the CPU; install gcc to use the C kernels")
         return None
-    source = SOURCE.read_bytes()
+    sources = [source.read_bytes() for source in SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version, _cpu_description()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version, _cpu_description()])).hexdigest()[:16]
     folder = os.path.join(default_cache_dir(), "kernels")
-    path = os.path.join(folder, f"cpu_decode-{key}.so")
+    path = os.path.join(folder, f"cpu_kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)  # then renamed: concurrent builds don't clash
         os.close(fd)
-        built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True)
+        built = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
+                               capture_output=True, text=True)
         if built.returncode != 0:
             os.unlink(partial)
-            _say(f"could not compile the CPU decode kernel ({compiler}: {built.stderr.strip()[:300]}); "
-                 "attention runs on torch's SDPA")
+            _say(f"could not compile the CPU kernels ({compiler}: {built.stderr.strip()[:300]}); "
+                 "torch's ops do their work")
             return None
         os.replace(partial, path)
     # loaded after torch, so its libgomp.so.1 resolves to the OpenMP runtime torch loaded: one thread pool
@@ -69,6 +74,8 @@ def load_decode_kernel() -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
                                            i32, i32, i32, i32, i32, ctypes.c_float]
     lib.paged_decode_attention.restype = None
+    lib.gemv.argtypes = [ptr, ptr, ptr, ptr, i32, i32]
+    lib.gemv.restype = None
     return lib
 
 
@@ -85,8 +92,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert block_tables.dtype == seq_lens.dtype == torch.int32 and block_tables.stride(1) == 1 and seq_lens.is_contiguous()
     num_seqs, num_heads, head_dim = q.shape
-    load_decode_kernel().paged_decode_attention(
+    load_cpu_kernels().paged_decode_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
         out.data_ptr(), out.stride(0), out.stride(1),
         num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, scale)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of one fp32 row ``x`` [1, k] (contiguous) with ``weight`` [n, k] (contiguous)."""
+    assert x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype == torch.float32
+    n, k = weight.shape
+    y = torch.empty(1, n)
+    load_cpu_kernels().gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k)
+    return y

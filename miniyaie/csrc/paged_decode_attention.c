@@ -7,7 +7,7 @@
  * per token). Tasks run on the OpenMP runtime torch already loaded (same libgomp.so.1), so they
  * share torch's threads instead of competing with a second pool.
  *
- * Built at run time by miniyaie/attention/cpu_kernels.py with -O3 -march=native -ffast-math: the
+ * Built at run time by miniyaie/cpu_kernels.py with -O3 -march=native -ffast-math: the
  * dot products and exp vectorise. No infinities are used (fast-math assumes none): a running
  * maximum starts at -1e30 and padding never reaches the kernel (lengths bound every loop).
  */
