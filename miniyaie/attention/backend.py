@@ -40,21 +40,22 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     compiles) and torch elsewhere."""
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
-        name = preferred if preferred in available_backends() else "torch"
+        name = preferred if preferred in available_backends(device) else "torch"
     elif name == "cpu" and device.type != "cpu":
         raise ValueError(f"attention backend 'cpu' runs on the CPU, not on {device.type}")
-    if name not in available_backends():
+    if name not in available_backends(device):
         raise ValueError(f"attention backend {name!r} is not available here; "
-                         f"choose one of {sorted(available_backends())}")
+                         f"choose one of {sorted(available_backends(device))}")
     return _REGISTRY[name]()
 
 
-def available_backends() -> dict[str, Callable[[], AttentionBackend]]:
-    if "triton" not in _REGISTRY and torch.cuda.is_available():
+def available_backends(device: torch.device | None = None) -> dict[str, Callable[[], AttentionBackend]]:
+    """The registered backends, loading the optional ones that can serve ``device`` (any if None)."""
+    if "triton" not in _REGISTRY and torch.cuda.is_available() and (device is None or device.type == "cuda"):
         try:  # Triton kernels load lazily: importing them needs a GPU build of triton
             import miniyaie.attention.triton_backend  # noqa: F401  (registers itself)
         except ImportError:
             pass
-    if "cpu" not in _REGISTRY:  # registers itself where the C kernel compiles (once per machine)
-        import miniyaie.attention.cpu_backend  # noqa: F401
+    if "cpu" not in _REGISTRY and (device is None or device.type == "cpu"):
+        import miniyaie.attention.cpu_backend  # noqa: F401  (registers itself where the C kernels compile)
     return _REGISTRY
