@@ -10,11 +10,12 @@ from miniyaie.cpu_kernels import kernel_supports, load_cpu_kernels, paged_decode
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Extends go through SDPA as in the torch backend (prefill chunks: SDPA's tiles pay off);
-    decodes go through ``csrc/paged_decode_attention.c``, which reads each sequence's K/V rows in place instead of
-    gathering them into a padded copy first — on the 2-core dev machine, 16 chats decoding
-    spend ~3x less time in attention. fp32 only: other dtypes (and shapes beyond the kernel's
-    bounds) take the torch backend's path."""
+    """Extends go through SDPA as in the torch backend (prefill chunks: SDPA's tiles pay off).
+    Decodes go through ``miniyaie/csrc/paged_decode_attention.c``, which reads each sequence's
+    K/V rows in place instead of gathering them into a padded copy first: on the 2-core dev
+    machine, 16 chats decoding spend 3-4x less time in attention. fp32 only: other dtypes (and
+    shapes beyond the kernel's bounds) take the torch backend's path, which is why ``plan`` stays
+    the torch backend's."""
 
     name = "cpu"
 
