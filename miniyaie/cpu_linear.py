@@ -31,6 +31,19 @@ from miniyaie.cpu_kernels import gemv, load_cpu_kernels
 PACKED_FOR_ROWS = 16  # the batch size oneDNN is told to expect when it chooses the blocking
 
 
+def row_bucket(rows: int) -> int:
+    """The row count oneDNN is called with for ``rows`` rows (zero rows appended up to it).
+
+    oneDNN builds and caches a kernel for every new shape, ~0.6 MiB each, and memory does not come
+    back when its cache evicts them: row counts as varied as prefill chunks grew a server by ~0.9 GiB
+    (and kept growing with a smaller cache). Buckets bound the shapes: exact up to 16 rows (decode
+    batches), then about 8 per doubling (at most 1/8 more rows from 32 on; 17 -> 20 at worst)."""
+    if rows <= 16:
+        return rows
+    step = max(4, 1 << (rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
 class PackedLinear(nn.Module):
     """``F.linear(x, weight, bias)`` for fp32 CPU tensors: one contiguous row through the C
     ``gemv`` on the weight as given, anything else through oneDNN on its packed copy. Holds both
@@ -47,7 +60,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous():
             return gemv(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        padded = row_bucket(rows.shape[0])
+        if padded != rows.shape[0]:
+            rows = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], self.in_features)])
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        return out[:x.numel() // self.in_features].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

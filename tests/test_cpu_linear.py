@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniyaie.cpu_kernels import gemv
-from miniyaie.cpu_linear import PackedLinear, use_packed_linears
+from miniyaie.cpu_linear import PackedLinear, row_bucket, use_packed_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
 from conftest import needs_cpu_kernel as needs_cpu_kernels
@@ -54,6 +54,17 @@ def test_one_row_goes_through_gemv(monkeypatch):
     layer(torch.randn(2, 64))
     layer(torch.randn(64, 2).t()[:1])  # one row, but strided: oneDNN
     assert len(calls) == 1
+
+
+def test_row_buckets_bound_the_shapes_oneDNN_sees():
+    """Every row count maps to a bucket at least as large; decode sizes stay exact; prefill chunks of
+    up to 2,048 rows reach few distinct shapes (oneDNN keeps a kernel per shape)."""
+    buckets = [row_bucket(rows) for rows in range(0, 2049)]
+    assert all(b >= rows for rows, b in enumerate(buckets))
+    assert buckets[:17] == list(range(17))
+    assert max(b / rows for rows, b in enumerate(buckets) if rows > 16) <= 1.18
+    assert max(b / rows for rows, b in enumerate(buckets) if rows >= 32) <= 1.125
+    assert len(set(buckets)) <= 80
 
 
 def test_packed_linear_takes_any_layout():
