@@ -18,11 +18,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from miniyaie.loader import default_cache_dir, default_progress
 
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
@@ -37,18 +38,12 @@ def _cpu_description() -> bytes:
         return os.uname().machine.encode()
 
 
-def _say(message: str) -> None:
-    print(f"[miniyaie] {message}", file=sys.stderr, flush=True)
-
-
 @functools.lru_cache(maxsize=None)
 def load_cpu_kernels() -> ctypes.CDLL | None:
     """The compiled library, or None where it cannot be built here."""
-    from miniyaie.loader import default_cache_dir
-
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _say("no C compiler found (cc/gcc): decode attention and one-token Linears run on torch's ops, "
+        default_progress("no C compiler found (cc/gcc): decode attention and one-token Linears run on torch's ops, "
              "which are slower on the CPU; install gcc to use the C kernels")
         return None
     sources = [source.read_bytes() for source in SOURCES]
@@ -64,7 +59,7 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
                                capture_output=True, text=True)
         if built.returncode != 0:
             os.unlink(partial)
-            _say(f"could not compile the CPU kernels ({compiler}: {built.stderr.strip()[:300]}); "
+            default_progress(f"could not compile the CPU kernels ({compiler}: {built.stderr.strip()[:300]}); "
                  "torch's ops do their work")
             return None
         os.replace(partial, path)
