@@ -3,7 +3,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
 
 - ``paged_decode_attention``: decode attention reading K/V in place from the paged pool
   (the ``cpu`` attention backend).
-- ``gemv``: a Linear applied to one token (``PackedLinear`` at decode batches of one).
+- ``linear``: a Linear at decode-sized batches (``CpuLinear``), on fp32 weights or on their exact
+  block codes (``find_block_codes``).
 
 Compiling takes about a second and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from miniyaie.loader import default_cache_dir, default_progress
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_decode_attention.c)
+BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
 
 
 def _cpu_description() -> bytes:
@@ -69,8 +72,10 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
                                            i32, i32, i32, i32, i32, ctypes.c_float]
     lib.paged_decode_attention.restype = None
-    lib.gemv.argtypes = [ptr, ptr, ptr, ptr, i32, i32]
-    lib.gemv.restype = None
+    lib.linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32]
+    lib.linear.restype = None
+    lib.find_block_codes.argtypes = [ptr, i32, i32, ptr, ptr, ptr]
+    lib.find_block_codes.restype = i32
     return lib
 
 
@@ -94,10 +99,42 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, scale)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` of one fp32 row ``x`` [1, k] (contiguous) with ``weight`` [n, k] (contiguous)."""
-    assert x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype == torch.float32
+@dataclass(frozen=True)
+class BlockCodes:
+    """A weight [n, k] held as int8 codes with one (scale, offset) per block of 32 along k, such that
+    ``weight == scales * codes + offsets`` exactly, value for value (GGUF's Q4_1 and Q8_0 layouts)."""
+
+    codes: torch.Tensor    # int8 [n, k]
+    scales: torch.Tensor   # fp32 [n, k // 32]
+    offsets: torch.Tensor  # fp32 [n, k // 32]
+
+
+def find_block_codes(weight: torch.Tensor) -> BlockCodes | None:
+    """The block codes of an fp32 ``weight`` [n, k], or None when it has none: some block is not
+    exactly a float16 scale times Q4_1's [0, 15] plus its minimum, or times Q8_0's [-127, 127]."""
     n, k = weight.shape
-    y = torch.empty(1, n)
-    load_cpu_kernels().gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k)
+    if weight.dtype != torch.float32 or k % BLOCK_CODE_SIZE:
+        return None
+    weight = weight.detach().contiguous()
+    codes = BlockCodes(torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // BLOCK_CODE_SIZE),
+                       torch.empty(n, k // BLOCK_CODE_SIZE))
+    exact = load_cpu_kernels().find_block_codes(weight.data_ptr(), n, k, codes.codes.data_ptr(),
+                                                codes.scales.data_ptr(), codes.offsets.data_ptr())
+    return codes if exact else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | BlockCodes, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for contiguous fp32 ``x`` [m, k], with k a multiple of 8 and
+    ``weight`` contiguous fp32 [n, k] or its ``BlockCodes``."""
+    assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32 and x.shape[1] % 8 == 0
+    if isinstance(weight, BlockCodes):
+        n = weight.codes.shape[0]
+        plain, codes, scales, offsets = None, weight.codes.data_ptr(), weight.scales.data_ptr(), weight.offsets.data_ptr()
+    else:
+        assert weight.is_contiguous() and weight.dtype == torch.float32
+        n = weight.shape[0]
+        plain, codes, scales, offsets = weight.data_ptr(), None, None, None
+    y = torch.empty(x.shape[0], n)
+    load_cpu_kernels().linear(x.data_ptr(), plain, codes, scales, offsets, None if bias is None else bias.data_ptr(),
+                              y.data_ptr(), x.shape[0], n, x.shape[1])
     return y

@@ -1,34 +1,34 @@
-"""fp32 Linears on the CPU through oneDNN, with each weight packed once into oneDNN's blocked layout.
+"""fp32 Linears on the CPU: decode-sized batches through the C ``linear`` kernel, reading each weight
+as 1-byte block codes where it has them; larger batches (prefill) through oneDNN on a packed copy.
 
-torch's CPU wheel runs ``F.linear`` through MKL's sgemm, which re-reads the plain [out, in]
-weight every call and, on AMD CPUs, runs generic kernels (MKL picks its kernels by CPU vendor).
-oneDNN (``torch.ops.mkldnn``, what torch.compile's CPU backend uses for prepacked Linears) is
-vendor-neutral JIT code: the weight is reordered once at load into blocks its kernel streams
-through, and the product runs on torch's own OpenMP threads. Measured on the 2-core AMD EPYC dev
-machine over all of SmolLM2-135M's weights (30 layers' four Linears and the 49,152-row head):
+A decode step streams every weight from memory (SmolLM2's fp32 weights are 540 MB; the caches hold
+a few) for a handful of rows, so how many bytes a weight takes decides the step. The embedded
+model is a GGUF Q4_1/Q8_0 checkpoint converted to fp32, and its fp32 weights are exactly
+``scale * code + offset`` per block of 32 (``cpu_kernels.find_block_codes`` checks every value):
+the C kernel reads the codes, a quarter of the bytes, and expands them in cache to the same fp32
+values, so the arithmetic is the fp32 model's. Weights without such codes (a model stored in
+fp32/bf16) go through the same kernel as fp32.
 
-    rows    MKL F.linear   oneDNN packed
-    1         68 ms          49 ms
-    16       164 ms          89 ms
-    64       259 ms         173 ms
-    256      768 ms         566 ms
+Larger batches are bound by arithmetic, where oneDNN's JIT GEMM (``torch.ops.mkldnn``, what
+torch.compile's CPU backend uses for prepacked Linears) beats the kernel: the weight is reordered
+once at load into the blocked layout its kernel streams through, and runs on torch's own OpenMP
+threads. Measured on the 2-core AMD EPYC dev machine over all of SmolLM2-135M's weights, one run:
 
-Packing for 16 rows was best or within 5% of the best at every size from 1 to 256 (packing per
-size brings nothing). The reorder takes ~0.4 s for the whole model at start-up.
-
-A single row (one sequence decoding) is a stream over the weights, and there the C ``gemv``
-(``miniyaie/csrc/gemv.c``) reads them faster (36 ms instead of 49-52 for the whole model, ~15 GB/s)
-from the weight as loaded, which is kept beside the packed copy for it (+430 MiB for SmolLM2:
-the tied head's plain weight is the embedding itself).
+    rows    C kernel, codes   C kernel, fp32   oneDNN packed fp32   (MKL F.linear, earlier)
+    1            23 ms            41 ms             44 ms                68 ms
+    16           76 ms            90 ms            113 ms               164 ms
+    64          202 ms           272 ms            216 ms               259 ms
+    256         820 ms          1037 ms            626 ms               768 ms
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from miniyaie.cpu_kernels import gemv, load_cpu_kernels
+from miniyaie.cpu_kernels import BlockCodes, find_block_codes, linear, load_cpu_kernels
 
 PACKED_FOR_ROWS = 16  # the batch size oneDNN is told to expect when it chooses the blocking
+KERNEL_MAX_ROWS = 32  # up to this many rows the C kernel is faster (decode batches); oneDNN above
 
 
 def row_bucket(rows: int) -> int:
@@ -44,44 +44,51 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-class PackedLinear(nn.Module):
-    """``F.linear(x, weight, bias)`` for fp32 CPU tensors: one contiguous row through the C
-    ``gemv`` on the weight as given, anything else through oneDNN on its packed copy. Holds both
-    as plain attributes (not parameters: ``.to()`` and ``state_dict`` don't see them); without
-    the C kernels only the packed copy is kept. Inference only."""
+class CpuLinear(nn.Module):
+    """``F.linear(x, weight, bias)`` for fp32 CPU tensors. Holds oneDNN's packed copy of the weight
+    and, for the C kernel, the weight's block codes or else the weight as given (neither without
+    the C kernels, or when in_features is not a multiple of 8). All plain attributes, not
+    parameters: ``.to()`` and ``state_dict`` don't see them. Inference only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
-        self.weight = weight.detach().contiguous() if load_cpu_kernels() is not None else None
+        self.kernel_weight: torch.Tensor | BlockCodes | None = None
+        if load_cpu_kernels() is not None and self.in_features % 8 == 0:
+            self.kernel_weight = find_block_codes(weight) or weight.detach().contiguous()
         self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous():
-            return gemv(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
-        padded = row_bucket(rows.shape[0])
-        if padded != rows.shape[0]:
-            rows = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], self.in_features)])
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return out[:x.numel() // self.in_features].view(*x.shape[:-1], self.out_features)
+        if self.kernel_weight is not None and 0 < rows.shape[0] <= KERNEL_MAX_ROWS:
+            out = linear(rows.detach().contiguous(), self.kernel_weight, self.bias)
+        else:
+            out = self._onednn(rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _onednn(self, rows: torch.Tensor) -> torch.Tensor:
+        count, padded = rows.shape[0], row_bucket(rows.shape[0])
+        if padded != count:
+            rows = torch.cat([rows, rows.new_zeros(padded - count, self.in_features)])
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")[:count]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def packed_linears_available() -> bool:
+def cpu_linears_available() -> bool:
     """True where this torch has oneDNN on the CPU."""
     return torch.backends.mkldnn.is_available()
 
 
-def use_packed_linears(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.Linear`` of ``model`` (fp32, CPU, weights loaded) for a ``PackedLinear``, in
-    place. A head tied to the embedding gets its own packed copy; its plain weight stays the embedding."""
+def use_cpu_linears(model: nn.Module) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` (fp32, CPU, weights loaded) for a ``CpuLinear``, in
+    place. A head tied to the embedding gets its own packed copy and codes; without codes, the
+    kernel's weight is the embedding itself."""
     linears = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name in linears:  # one at a time, so each old weight is freed before the next copy
         child = getattr(parent, name)
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, CpuLinear(child.weight, child.bias))
     return model

@@ -9,7 +9,7 @@ import torch
 from miniyaie.attention import ForwardBatch, create_backend
 from miniyaie.attention.layer import AttentionContext
 from miniyaie.config import EngineConfig
-from miniyaie.cpu_linear import packed_linears_available, use_packed_linears
+from miniyaie.cpu_linear import cpu_linears_available, use_cpu_linears
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
@@ -85,8 +85,8 @@ class ModelRunner:
             model.lm_head.weight = model.embed_tokens.weight
         if config.quantization == "int8":
             model = quantize_int8(model)
-        elif self.device.type == "cpu" and self.dtype == torch.float32 and packed_linears_available():
-            model = use_packed_linears(model)  # oneDNN on prepacked weights: faster than MKL at every batch size
+        elif self.device.type == "cpu" and self.dtype == torch.float32 and cpu_linears_available():
+            model = use_cpu_linears(model)  # C kernel on block codes for decode, oneDNN for prefill
         self.model = model.eval()
         self.backend = create_backend(config.attention_backend, self.device)
         self.kv = KVCacheManager(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,

@@ -1,4 +1,5 @@
-"""PackedLinear (oneDNN on a prepacked weight) against torch's F.linear, and the swap of a model's Linears."""
+"""CpuLinear (the C kernel for decode batches, oneDNN on a packed weight for larger ones) against
+torch's F.linear; block codes against weights built from them; the swap of a model's Linears."""
 from __future__ import annotations
 
 import pytest
@@ -6,24 +7,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniyaie.cpu_kernels import gemv
-from miniyaie.cpu_linear import PackedLinear, row_bucket, use_packed_linears
+from miniyaie import cpu_linear
+from miniyaie.cpu_kernels import BlockCodes, find_block_codes, linear
+from miniyaie.cpu_linear import KERNEL_MAX_ROWS, CpuLinear, row_bucket, use_cpu_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
 from conftest import needs_cpu_kernel as needs_cpu_kernels
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
+ROWS = (1, 2, 3, 5, 8, 16, 17, 31, 32, 33, 40, 65, 150, 300)  # decode batches and prefill chunks
+
+
+def gguf_weight(n: int, k: int, gen: torch.Generator, q4_1_blocks: float = 0.5) -> torch.Tensor:
+    """A weight as the GGUF conversion makes it: per block of 32, a float16 scale times a Q4_1 code
+    in [0, 15] plus the block's minimum (float16), or times a Q8_0 code in [-127, 127]."""
+    blocks = n * k // 32
+    scale = (torch.rand(blocks, 1, generator=gen) * 0.01 + 1e-4).half().float()
+    q4_1 = torch.rand(blocks, 1, generator=gen) < q4_1_blocks
+    minimum = (-torch.rand(blocks, 1, generator=gen) * 0.1).half().float()
+    codes = torch.where(q4_1, torch.randint(0, 16, (blocks, 32), generator=gen),
+                        torch.randint(-127, 128, (blocks, 32), generator=gen)).float()
+    codes[:, 0] = torch.where(q4_1[:, 0], 0.0, 127.0)  # GGUF's quantizers give the extreme its end code
+    codes[:, 1] = torch.where(q4_1[:, 0], 15.0, codes[:, 1])
+    return torch.where(q4_1, scale * codes + minimum, scale * codes).reshape(n, k)
+
+
+def expand(codes: BlockCodes) -> torch.Tensor:
+    n, k = codes.codes.shape
+    blocks = codes.codes.float().reshape(n, k // 32, 32)
+    return (codes.scales[..., None] * blocks + codes.offsets[..., None]).reshape(n, k)
+
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("in_features,out_features", [(64, 128), (576, 960), (1536, 576), (576, 3072)])
-def test_packed_linear_matches_f_linear(in_features, out_features, bias):
+@pytest.mark.parametrize("in_features,out_features", [(64, 128), (60, 7), (576, 960), (1536, 577), (576, 3072)])
+def test_cpu_linear_matches_f_linear(in_features, out_features, bias):
+    """fp32 weights without codes: the kernel on the weight as given, or oneDNN (in_features 60)."""
     gen = torch.Generator().manual_seed(in_features * out_features + bias)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     b = torch.randn(out_features, generator=gen) if bias else None
-    layer = PackedLinear(weight, b)
+    layer = CpuLinear(weight, b)
     with torch.inference_mode():  # as the engine runs it
-        for m in (1, 2, 3, 5, 8, 16, 17, 31, 40, 65, 150, 300):  # decode batches and prefill chunks
+        for m in ROWS:
             x = torch.randn(m, in_features, generator=gen)
             got = layer(x)
             assert got.shape == (m, out_features) and got.dtype == torch.float32
@@ -31,29 +56,49 @@ def test_packed_linear_matches_f_linear(in_features, out_features, bias):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("in_features,out_features", [(1, 1), (3, 5), (576, 960), (1536, 576), (576, 49152)])
-def test_gemv_matches_f_linear(in_features, out_features, bias):
-    """The C kernel a single row takes (PackedLinear sends it there), on fresh random inputs."""
-    gen = torch.Generator().manual_seed(in_features + out_features + bias)
-    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
-    b = torch.randn(out_features, generator=gen) if bias else None
-    x = torch.randn(1, in_features, generator=gen)
-    torch.testing.assert_close(gemv(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+def test_block_codes_are_found_exactly_or_not_at_all():
+    gen = torch.Generator().manual_seed(0)
+    for q4_1_blocks in (0.0, 0.5, 1.0):
+        weight = gguf_weight(40, 96, gen, q4_1_blocks)
+        codes = find_block_codes(weight)
+        assert codes is not None and codes.codes.dtype == torch.int8
+        assert torch.equal(expand(codes), weight)  # every value, bit for bit
+    almost = weight.clone()
+    almost[7, 33] = torch.nextafter(almost[7, 33], torch.tensor(1.0))  # one value off by one ulp
+    assert find_block_codes(almost) is None
+    assert find_block_codes(torch.randn(8, 64, generator=gen)) is None  # an ordinary fp32 weight
+    assert find_block_codes(torch.zeros(4, 48)) is None  # rows not made of whole blocks
 
 
 @needs_cpu_kernels
-def test_one_row_goes_through_gemv(monkeypatch):
-    from miniyaie import cpu_linear
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_features,out_features", [(32, 1), (96, 5), (576, 960), (1536, 577), (576, 49152)])
+def test_kernel_on_block_codes_matches_f_linear(in_features, out_features, bias):
+    """The C kernel on codes, against F.linear on the fp32 weight they encode (edge panels: 577, 5, 1)."""
+    gen = torch.Generator().manual_seed(in_features + out_features + bias)
+    weight = gguf_weight(out_features, in_features, gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    codes = find_block_codes(weight)
+    for m in (1, 2, 3, 7, 16, 33):
+        x = torch.randn(m, in_features, generator=gen)
+        # outputs are ~10 here: 1e-4 is fp32 summation in another order
+        torch.testing.assert_close(linear(x, codes, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpu_kernels
+def test_decode_batches_take_the_kernel_on_codes(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_linear, "gemv", lambda *args: calls.append(args) or gemv(*args))
-    weight = torch.randn(96, 64)
-    layer = PackedLinear(weight, None)
-    assert layer.weight.data_ptr() == weight.data_ptr()  # the plain weight is kept as given, not copied
-    layer(torch.randn(1, 64))
-    layer(torch.randn(2, 64))
-    layer(torch.randn(64, 2).t()[:1])  # one row, but strided: oneDNN
-    assert len(calls) == 1
+    monkeypatch.setattr(cpu_linear, "linear", lambda x, w, b: calls.append((x.shape[0], type(w))) or linear(x, w, b))
+    gen = torch.Generator().manual_seed(1)
+    weight = gguf_weight(96, 64, gen)
+    layer = CpuLinear(weight, None)
+    assert isinstance(layer.kernel_weight, BlockCodes)
+    for m in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1):
+        x = torch.randn(m, 64, generator=gen)
+        torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert calls == [(1, BlockCodes), (KERNEL_MAX_ROWS, BlockCodes)]
+    plain = torch.randn(96, 64, generator=gen)
+    assert CpuLinear(plain, None).kernel_weight.data_ptr() == plain.data_ptr()  # no codes: used as given
 
 
 def test_row_buckets_bound_the_shapes_oneDNN_sees():
@@ -67,11 +112,11 @@ def test_row_buckets_bound_the_shapes_oneDNN_sees():
     assert len(set(buckets)) <= 80
 
 
-def test_packed_linear_takes_any_layout():
+def test_cpu_linear_takes_any_layout():
     """Leading dims, strided views, no rows, and (outside inference mode) an input needing grad."""
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
-    layer = PackedLinear(weight, bias)
+    layer = CpuLinear(weight, bias)
     for x in (torch.randn(2, 3, 64, generator=gen), torch.randn(64, 7, generator=gen).t(),
               torch.randn(4, 128, generator=gen)[:, ::2], torch.randn(0, 64),
               torch.randn(5, 64, generator=gen, requires_grad=True)):
@@ -95,28 +140,28 @@ def test_swap_replaces_every_linear_and_keeps_the_values(tied):
               for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert len(before) == 2 * 4 + 1 and before["layers.0.self_attn.qkv_proj"][1] is not None
 
-    assert use_packed_linears(model) is model
+    assert use_cpu_linears(model) is model
     modules = dict(model.named_modules())
     assert not any(isinstance(m, nn.Linear) for m in modules.values())
     assert model.embed_tokens.weight is embedding  # the embedding stays a torch parameter
     for name, (weight, bias) in before.items():
-        assert isinstance(modules[name], PackedLinear)
+        assert isinstance(modules[name], CpuLinear)
         x = torch.randn(5, weight.shape[1])
         torch.testing.assert_close(modules[name](x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    if tied and model.lm_head.weight is not None:  # the head's plain weight is the embedding, not a copy
-        assert model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    if tied and model.lm_head.kernel_weight is not None:  # random weights have no codes: the embedding, not a copy
+        assert model.lm_head.kernel_weight.data_ptr() == embedding.data_ptr()
 
 
-def test_runner_packs_the_linears_for_cpu_fp32_only(tiny_loaded):
+def test_runner_swaps_the_linears_for_cpu_fp32_only(tiny_loaded):
     from miniyaie import EngineConfig
     from miniyaie.model_runner import ModelRunner
 
     loaded = tiny_loaded("qwen2")  # tied head, qkv bias
     config = EngineConfig(model=loaded.source_dir, device="cpu", dtype="float32", num_blocks=8)
     model = ModelRunner(config, loaded.hf_config, loaded.weights).model
-    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(model.lm_head, CpuLinear) and isinstance(model.layers[0].self_attn.qkv_proj, CpuLinear)
     x = torch.randn(3, model.args.hidden_size)
     torch.testing.assert_close(model.lm_head(x), F.linear(x, model.embed_tokens.weight), rtol=1e-5, atol=1e-5)
     for other in (dict(dtype="bfloat16"), dict(quantization="int8")):  # int8: quantize_dynamic's Linears
         config = EngineConfig(model=loaded.source_dir, device="cpu", num_blocks=8, **{"dtype": "float32", **other})
-        assert not isinstance(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head, PackedLinear)
+        assert not isinstance(ModelRunner(config, loaded.hf_config, loaded.weights).model.lm_head, CpuLinear)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 
 from miniyaie import Engine, EngineConfig, SamplingParams
+from miniyaie.cpu_kernels import BlockCodes
+from miniyaie.cpu_linear import CpuLinear
+
+from conftest import needs_cpu_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -39,3 +43,11 @@ def test_batched_greedy_equals_alone(smollm2, all_threads):
     smollm2.check_integrity()
     smollm2.clear_cache()
     assert smollm2.runner.kv.num_free_blocks == smollm2.runner.kv.num_blocks
+
+
+@needs_cpu_kernel
+def test_decode_reads_the_weights_as_block_codes(smollm2):
+    """The embedded checkpoint is Q4_1/Q8_0: every Linear (the tied head too) finds exact codes."""
+    linears = [m for m in smollm2.runner.model.modules() if isinstance(m, CpuLinear)]
+    assert len(linears) == 30 * 4 + 1  # fused qkv, o, fused gate/up, down per layer; the head
+    assert all(isinstance(m.kernel_weight, BlockCodes) for m in linears)
