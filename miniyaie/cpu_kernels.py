@@ -80,7 +80,8 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
 
 
 def kernel_supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
-    return num_heads // num_kv_heads <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and block_size <= MAX_BLOCK
+    return (num_heads // num_kv_heads <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+            and block_size <= MAX_BLOCK)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
