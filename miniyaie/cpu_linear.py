@@ -15,10 +15,12 @@ once at load into the blocked layout its kernel streams through, and runs on tor
 threads. Measured on the 2-core AMD EPYC dev machine over all of SmolLM2-135M's weights, one run:
 
     rows    C kernel, codes   C kernel, fp32   oneDNN packed fp32   (MKL F.linear, earlier)
-    1            23 ms            41 ms             44 ms                68 ms
-    16           76 ms            90 ms            113 ms               164 ms
-    64          202 ms           272 ms            216 ms               259 ms
-    256         820 ms          1037 ms            626 ms               768 ms
+    1            22 ms            41 ms             56 ms                68 ms
+    16           54 ms            72 ms             87 ms               164 ms
+    64          168 ms           212 ms            183 ms               259 ms
+    256         684 ms           778 ms            610 ms               768 ms
+
+(medians of 5 in one run; the box drifts 10-20%. oneDNN caught up at ~128 rows on codes, ~48 on fp32.)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 from miniyaie.cpu_kernels import BlockCodes, find_block_codes, linear, load_cpu_kernels
 
 PACKED_FOR_ROWS = 16  # the batch size oneDNN is told to expect when it chooses the blocking
-KERNEL_MAX_ROWS = 32  # up to this many rows the C kernel is faster (decode batches); oneDNN above
+KERNEL_MAX_ROWS = 48  # up to here the C kernel is faster, on codes or fp32 (decode batches); oneDNN above
 
 
 def row_bucket(rows: int) -> int:
