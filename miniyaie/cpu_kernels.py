@@ -5,6 +5,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
   (the ``cpu`` attention backend).
 - ``linear``: a Linear at decode-sized batches (``CpuLinear``), on fp32 weights or on their exact
   block codes (``find_block_codes``).
+- ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
+  each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 
 Compiling takes about a second and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
@@ -76,6 +78,11 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.linear.restype = None
     lib.find_block_codes.argtypes = [ptr, i32, i32, ptr, ptr, ptr]
     lib.find_block_codes.restype = i32
+    lib.rms_norm.argtypes = [ptr, i64, ptr, ptr, i32, i32, ctypes.c_float]
+    lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
+    lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
+    for name in ("rms_norm", "silu_and_mul", "rotary"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -139,3 +146,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor | BlockCodes, bias: torch.Tenso
     load_cpu_kernels().linear(x.data_ptr(), plain, codes, scales, offsets, None if bias is None else bias.data_ptr(),
                               y.data_ptr(), x.shape[0], n, x.shape[1])
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``model.rms_norm`` for fp32 ``x`` [..., dim] whose rows are contiguous."""
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)
+    assert x.dtype == weight.dtype == torch.float32 and rows.stride(1) == 1 and weight.is_contiguous()
+    out = torch.empty(x.shape)
+    load_cpu_kernels().rms_norm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(),
+                                rows.shape[0], dim, eps)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``model.silu_and_mul`` for contiguous fp32 ``x`` [..., 2 * half]."""
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    half = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], half)
+    load_cpu_kernels().silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], half)
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``model.rotate`` for fp32 ``x`` [T, heads, D] (heads contiguous within a token) and the
+    contiguous [T, 1, D] tables of ``RotaryEmbedding``."""
+    tokens, heads, head_dim = x.shape
+    assert x.dtype == cos.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == head_dim
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (tokens, 1, head_dim)
+    out = torch.empty(x.shape)
+    load_cpu_kernels().rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                              tokens, heads, head_dim)
+    return out

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from miniyaie import cpu_kernels
 from miniyaie.attention.layer import AttentionContext, RadixAttentionWithPagedKVCache
 
 
@@ -65,6 +66,26 @@ class ModelArgs:
         )
 
 
+def takes_cpu_kernels(x: torch.Tensor) -> bool:
+    """fp32 on the CPU goes through the C kernels where they compiled (``miniyaie/cpu_kernels.py``):
+    one call instead of several torch ops, whose dispatch outweighs their arithmetic at decode
+    batch sizes. The torch functions here stay the reference (and the path everywhere else)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load_cpu_kernels() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32 (as transformers does) so bf16 activations don't lose the scale
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up, with the gate and up projections side by side in x."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -72,10 +93,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 (as transformers does) so bf16 activations don't lose the scale
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (cpu_kernels.rms_norm if takes_cpu_kernels(x) else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -148,7 +166,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before the rotation
             q_and_k = torch.cat((self.q_norm(q_and_k[:, :self.num_heads]), self.k_norm(q_and_k[:, self.num_heads:])), 1)
         # the query and key heads rotate together: one set of elementwise ops per layer, not two
-        q, k = rotate(q_and_k, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+        rotated = (cpu_kernels.rotary if takes_cpu_kernels(q_and_k) else rotate)(q_and_k, *rope)
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, ctx).flatten(1))
 
 
@@ -159,8 +178,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj((cpu_kernels.silu_and_mul if takes_cpu_kernels(gate_up) else silu_and_mul)(gate_up))
 
 
 class DecoderLayer(nn.Module):
