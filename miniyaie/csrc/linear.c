@@ -15,9 +15,10 @@
  * reads MR + NR vectors per MR * NR fused multiply-adds (2 x 6 fills AVX2's 16 registers with
  * room for the loads). Panels are split between torch's OpenMP threads (the runtime torch loaded:
  * one thread pool). Written with GCC vector extensions, so it compiles for any CPU; on the 2-core
- * AVX2 dev machine it runs SmolLM2-135M's weights at 16 rows in ~45-50 ms (~95 GFLOPS; oneDNN:
- * 85-110 ms on packed fp32 weights). Expanding the codes costs ~13 ms of that: they stream from
- * memory (135 MB) at ~10 GB/s.
+ * AVX2 dev machine it runs SmolLM2-135M's weights at 16 rows in ~45-55 ms (oneDNN: 85-110 ms on
+ * packed fp32 weights). The tiles alone take ~38 ms there (~110 GFLOPS, the machine's peak);
+ * expanding the codes is the rest (packing Q4_1's codes two to a byte made it slower, not faster).
+ * Up to 8 rows take a path without the buffer (few_rows, below).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -57,8 +58,8 @@ static void expand_row(const int8_t *codes, const float *scales, const float *of
 /* Left alone, GCC folds the weight load into each multiply-add that uses it, loading it MR times:
  * 14 loads per 12 FMAs for a 2 x 6 tile, more than the load ports take. Loading it once into a
  * register (8 loads per 12) makes the tile 15% faster on the dev machine. */
-#if defined(__x86_64__) || defined(__i386__)
-#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
+#ifdef __AVX__
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))  /* an AVX register holds all 8 lanes */
 #else
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
@@ -90,11 +91,81 @@ static inline void tile##ROWS(const float *x, int64_t ldx, const float *w, int k
 DEFINE_TILE(1)
 DEFINE_TILE(2)
 
+/* Up to FEW_ROWS rows on block codes (a few sequences decoding): every weight is used by only a
+ * few rows, so expanding the codes into the panel buffer (a store and a load per weight) costs
+ * more than the products. Here each 8 codes are expanded in registers and go straight into every
+ * row's sum: 1 row 20 -> 15 ms, 8 rows 37 -> 30 ms over SmolLM2 on the dev machine. Written with
+ * AVX2 intrinsics because GCC's generic vector conversions from int8 come out scalar; without AVX2
+ * the panel path serves these sizes too. */
+#ifdef __AVX2__
+#include <immintrin.h>
+#define FEW_ROWS 8
+
+static inline float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* y[r, j] = x[r] . weight[j] (+ bias[j]) for ROWS rows; sums for 1-3 rows are split in two so
+ * that two chains of dependent multiply-adds are in flight. */
+#define DEFINE_FEW_ROWS(ROWS)                                                                      \
+static void few_rows##ROWS(const float *x, const int8_t *codes, const float *scales,                 \
+                           const float *offsets, const float *bias, float *y, int n, int k)          \
+{                                                                                                  \
+    enum { SUMS = ROWS < 4 ? 2 : 1 };                                                              \
+    const int blocks = k / BLOCK;                                                                  \
+    _Pragma("omp parallel for schedule(static)")                                                   \
+    for (int j = 0; j < n; j++) {                                                                  \
+        const int8_t *q = codes + (int64_t)j * k;                                                  \
+        __m256 acc[ROWS][SUMS];                                                                    \
+        for (int r = 0; r < ROWS; r++)                                                             \
+            for (int s = 0; s < SUMS; s++)                                                         \
+                acc[r][s] = _mm256_setzero_ps();                                                   \
+        for (int b = 0; b < blocks; b++) {                                                         \
+            const __m256 scale = _mm256_set1_ps(scales[(int64_t)j * blocks + b]);                  \
+            const __m256 offset = _mm256_set1_ps(offsets[(int64_t)j * blocks + b]);                \
+            for (int i = 0; i < BLOCK; i += 8) {  /* a constant count: unrolled, sums in registers */ \
+                const int at = b * BLOCK + i;                                                      \
+                const __m256i code = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + at))); \
+                const __m256 w = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(code), offset);         \
+                for (int r = 0; r < ROWS; r++)                                                     \
+                    acc[r][(i / 8) % SUMS] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (int64_t)r * k + at), \
+                                                             acc[r][(i / 8) % SUMS]);              \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < ROWS; r++) {                                                           \
+            const __m256 sum = SUMS == 2 ? _mm256_add_ps(acc[r][0], acc[r][SUMS - 1]) : acc[r][0];  \
+            y[(int64_t)r * n + j] = hsum(sum) + (bias ? bias[j] : 0.0f);                           \
+        }                                                                                          \
+    }                                                                                              \
+}
+DEFINE_FEW_ROWS(1)
+DEFINE_FEW_ROWS(2)
+DEFINE_FEW_ROWS(3)
+DEFINE_FEW_ROWS(4)
+DEFINE_FEW_ROWS(5)
+DEFINE_FEW_ROWS(6)
+DEFINE_FEW_ROWS(7)
+DEFINE_FEW_ROWS(8)
+
+typedef void (*few_rows_fn)(const float *, const int8_t *, const float *, const float *, const float *, float *, int, int);
+static const few_rows_fn few_rows[FEW_ROWS + 1] = {
+    NULL, few_rows1, few_rows2, few_rows3, few_rows4, few_rows5, few_rows6, few_rows7, few_rows8};
+#endif
+
 /* Either weight (fp32 [n, k]) or codes/scales/offsets (int8 [n, k], fp32 [n, k / 32] twice) is
  * given; k is a multiple of 8 (of 32 with codes). */
 void linear(const float *x, const float *weight, const int8_t *codes, const float *scales,
             const float *offsets, const float *bias, float *y, int m, int n, int k)
 {
+#ifdef __AVX2__
+    if (codes != NULL && m <= FEW_ROWS) {
+        few_rows[m](x, codes, scales, offsets, bias, y, n, k);
+        return;
+    }
+#endif
     const int panels = (n + NR - 1) / NR, blocks = k / BLOCK;
     #pragma omp parallel
     {
