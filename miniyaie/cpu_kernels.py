@@ -2,7 +2,7 @@
 compiler into one library, cached, and called through ctypes on torch tensors' memory.
 
 - ``paged_decode_attention``: decode attention reading K/V in place from the paged pool
-  (the ``cpu`` attention backend).
+  (the ``cpu`` attention backend); ``write_kv`` stores a step's new K/V rows into their slots.
 - ``linear``: a Linear at decode-sized batches (``CpuLinear``), on fp32 weights or on their exact
   block codes (``find_block_codes``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
@@ -81,7 +81,8 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [ptr, i64, ptr, ptr, i32, i32, ctypes.c_float]
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
-    for name in ("rms_norm", "silu_and_mul", "rotary"):
+    lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
+    for name in ("rms_norm", "silu_and_mul", "rotary", "write_kv"):
         getattr(lib, name).restype = None
     return lib
 

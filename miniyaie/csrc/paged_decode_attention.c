@@ -145,3 +145,14 @@ void paged_decode_attention(
         }
     }
 }
+
+/* k_cache[slots[t]] = k[t] and v_cache[slots[t]] = v[t]: the step's new K/V rows (row floats each:
+ * kv_heads x head_dim) into their slots of the pool; k and v rows are k_stride / v_stride apart. */
+void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+              float *k_cache, float *v_cache, const int64_t *slots, int tokens, int row)
+{
+    for (int t = 0; t < tokens; t++) {
+        memcpy(k_cache + slots[t] * row, k + t * k_stride, sizeof(float) * row);
+        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(float) * row);
+    }
+}
