@@ -48,14 +48,17 @@ def row_bucket(rows: int) -> int:
 
 class CpuLinear(nn.Module):
     """``F.linear(x, weight, bias)`` for fp32 CPU tensors. Holds oneDNN's packed copy of the weight
-    and, for the C kernel, the weight's block codes or else the weight as given (neither without
-    the C kernels, or when in_features is not a multiple of 8). All plain attributes, not
-    parameters: ``.to()`` and ``state_dict`` don't see them. Inference only."""
+    (the weight as given until the first batch over ``KERNEL_MAX_ROWS`` packs it) and, for the C
+    kernel, the weight's block codes or else the weight as given (neither without the C kernels,
+    or when in_features is not a multiple of 8). All plain attributes, not parameters: ``.to()``
+    and ``state_dict`` don't see them. Inference only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+        # packed on the first batch that needs it (a prefill): 0.4 s of start-up for SmolLM2 otherwise
+        self.packed_weight: torch.Tensor | None = None
+        self._to_pack: torch.Tensor | None = weight.detach()
         self.kernel_weight: torch.Tensor | BlockCodes | None = None
         if load_cpu_kernels() is not None and self.in_features % 8 == 0:
             self.kernel_weight = find_block_codes(weight) or weight.detach().contiguous()
@@ -70,6 +73,9 @@ class CpuLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _onednn(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is None:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self._to_pack, PACKED_FOR_ROWS)
+            self._to_pack = None
         count, padded = rows.shape[0], row_bucket(rows.shape[0])
         if padded != count:
             rows = torch.cat([rows, rows.new_zeros(padded - count, self.in_features)])

@@ -224,7 +224,7 @@ static float round_to_half(float v)
 static int encode_block(const float *w, float scale, float offset, int lo, int hi, int8_t *codes)
 {
     for (int i = 0; i < BLOCK; i++) {
-        float q = scale > 0.0f ? __builtin_roundf((w[i] - offset) / scale) : 0.0f;
+        float q = scale > 0.0f ? __builtin_rintf((w[i] - offset) / scale) : 0.0f;
         q = q < lo ? lo : q > hi ? hi : q;
         if (scale * q + offset != w[i])
             return 0;
