@@ -7,6 +7,7 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
   block codes (``find_block_codes``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
+- ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
 
 Compiling takes about a second and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
@@ -32,6 +33,7 @@ from miniyaie.loader import default_cache_dir, default_progress
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_decode_attention.c)
+MAX_TOP = 64  # the most alternatives greedy_pick reports (greedy.c)
 BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
 
 
@@ -82,9 +84,17 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
-    for name in ("rms_norm", "silu_and_mul", "rotary", "write_kv"):
+    lib.greedy_pick.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
+    for name in ("rms_norm", "silu_and_mul", "rotary", "write_kv", "greedy_pick"):
         getattr(lib, name).restype = None
     return lib
+
+
+def handles(x: torch.Tensor) -> bool:
+    """Whether ``x``'s ops go through the C kernels: fp32 on the CPU, where they compiled. One call
+    there replaces several torch ops, whose dispatch outweighs their arithmetic at decode batch
+    sizes; torch's ops stay the reference and the path everywhere else."""
+    return x.is_cpu and x.dtype == torch.float32 and load_cpu_kernels() is not None
 
 
 def kernel_supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
@@ -179,3 +189,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     load_cpu_kernels().rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                               tokens, heads, head_dim)
     return out
+
+
+def greedy_pick(logits: torch.Tensor, num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax, and the
+    ``num_top`` (<= MAX_TOP) most likely ids with their softmax probabilities, most likely first."""
+    assert logits.dtype == torch.float32 and logits.is_contiguous() and 0 <= num_top <= MAX_TOP
+    rows, vocab = logits.shape
+    token, logprob = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+    top_ids, top_probs = torch.empty(rows, num_top, dtype=torch.int64), torch.empty(rows, num_top)
+    load_cpu_kernels().greedy_pick(logits.data_ptr(), rows, vocab, num_top, token.data_ptr(), logprob.data_ptr(),
+                                   top_ids.data_ptr(), top_probs.data_ptr())
+    return token, logprob, top_ids, top_probs

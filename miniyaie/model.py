@@ -66,13 +66,6 @@ class ModelArgs:
         )
 
 
-def takes_cpu_kernels(x: torch.Tensor) -> bool:
-    """fp32 on the CPU goes through the C kernels where they compiled (``miniyaie/cpu_kernels.py``):
-    one call instead of several torch ops, whose dispatch outweighs their arithmetic at decode
-    batch sizes. The torch functions here stay the reference (and the path everywhere else)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.load_cpu_kernels() is not None
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # statistics in fp32 (as transformers does) so bf16 activations don't lose the scale
     x32 = x.float()
@@ -93,7 +86,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (cpu_kernels.rms_norm if takes_cpu_kernels(x) else rms_norm)(x, self.weight, self.eps)
+        return (cpu_kernels.rms_norm if cpu_kernels.handles(x) else rms_norm)(x, self.weight, self.eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -166,7 +159,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before the rotation
             q_and_k = torch.cat((self.q_norm(q_and_k[:, :self.num_heads]), self.k_norm(q_and_k[:, self.num_heads:])), 1)
         # the query and key heads rotate together: one set of elementwise ops per layer, not two
-        rotated = (cpu_kernels.rotary if takes_cpu_kernels(q_and_k) else rotate)(q_and_k, *rope)
+        rotated = (cpu_kernels.rotary if cpu_kernels.handles(q_and_k) else rotate)(q_and_k, *rope)
         q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, ctx).flatten(1))
 
@@ -179,7 +172,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj((cpu_kernels.silu_and_mul if takes_cpu_kernels(gate_up) else silu_and_mul)(gate_up))
+        return self.down_proj((cpu_kernels.silu_and_mul if cpu_kernels.handles(gate_up) else silu_and_mul)(gate_up))
 
 
 class DecoderLayer(nn.Module):

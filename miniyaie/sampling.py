@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from miniyaie import cpu_kernels
 from miniyaie.request import SamplingParams
 
 
@@ -153,6 +154,8 @@ class SamplingKernel:
 
         if batch.all_greedy and not (batch.any_top_k or batch.any_top_p or batch.any_min_p):
             # Fast path: no sort, no CDF; the reported distribution is softmax at temperature 1.
+            if cpu_kernels.handles(logits) and batch.num_top <= cpu_kernels.MAX_TOP:
+                return SamplerOutput(*cpu_kernels.greedy_pick(logits.contiguous(), batch.num_top))
             token_ids = logits.argmax(dim=-1)
             logprobs_all = torch.log_softmax(logits, dim=-1)
             return self._output(token_ids, logprobs_all, batch.num_top)

@@ -7,8 +7,11 @@ from typing import Optional
 import pytest
 import torch
 
+from miniyaie import cpu_kernels
 from miniyaie.request import SamplingParams
 from miniyaie.sampling import SamplingBatch, SamplingKernel
+
+from conftest import needs_cpu_kernel
 
 V = 50
 
@@ -277,3 +280,21 @@ def test_empirical_frequencies_match_the_processed_distribution(seeded: bool):
 def test_invalid_params_name_the_field(field: str, kwargs: dict):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("rows,vocab,num_top", [(1, 7, 0), (3, 100, 1), (16, 49152, 5), (5, 1000, 64)])
+def test_greedy_pick_kernel_matches_torch(rows, vocab, num_top):
+    """The C kernel behind the greedy fast path on the CPU against torch's argmax, log-softmax and
+    top-k, on fresh random logits; a row with its maximum twice keeps the first, as argmax does."""
+    gen = torch.Generator().manual_seed(rows * vocab + num_top)
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[0, vocab // 2] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie for the maximum
+    token, logprob, top_ids, top_probs = cpu_kernels.greedy_pick(logits, num_top)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(token, logits.argmax(dim=-1)) and token[0] == vocab // 2
+    torch.testing.assert_close(logprob, logprobs.gather(1, token[:, None])[:, 0])
+    ref_probs, ref_ids = logprobs.exp().topk(num_top, dim=-1)
+    torch.testing.assert_close(top_probs, ref_probs)
+    assert torch.equal(top_ids[1:], ref_ids[1:])  # row 0's tie may come in either order from topk
+    assert top_ids.shape == (rows, num_top) and top_ids.dtype == torch.int64
