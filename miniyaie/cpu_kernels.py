@@ -9,7 +9,7 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
 
-Compiling takes about a second and happens once per machine: the library is cached under the
+Compiling takes a few seconds and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
 and the CPU (it is built with ``-march=native``, so a cache carried to another CPU is rebuilt).
 Where there is no C compiler the kernels are not available and torch's ops do the work.
