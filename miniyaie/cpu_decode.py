@@ -94,7 +94,9 @@ class CpuDecodeSteps:
         attn, out = torch.empty(tokens, heads * head_dim), torch.empty(tokens, a.hidden_size)
         gate_up, act = torch.empty(tokens, 2 * a.intermediate_size), torch.empty(tokens, a.intermediate_size)
         tables, seq_lens = batch.block_tables, batch.seq_lens
+        slots = batch.slot_mapping
         assert tables.dtype == seq_lens.dtype == torch.int32 and tables.stride(1) == 1 and seq_lens.is_contiguous()
+        assert slots.dtype == torch.int64 and slots.is_contiguous()
         layer_bytes = self.kv.k_pool[0].numel() * FLOAT
         eps = ctypes.c_float(a.rms_norm_eps)
         for i, layer in enumerate(self.layers):
@@ -105,7 +107,7 @@ class CpuDecodeSteps:
                        tokens, heads + kv_heads, head_dim)
             lib.write_kv(rotated.data_ptr() + heads * head_dim * FLOAT, (heads + kv_heads) * head_dim,
                          qkv.data_ptr() + (heads + kv_heads) * head_dim * FLOAT, qkv_width,
-                         k_cache, v_cache, batch.slot_mapping.data_ptr(), tokens, kv_heads * head_dim)
+                         k_cache, v_cache, slots.data_ptr(), tokens, kv_heads * head_dim)
             lib.paged_decode_attention(rotated.data_ptr(), (heads + kv_heads) * head_dim, head_dim, k_cache, v_cache,
                                        tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
                                        attn.data_ptr(), heads * head_dim, head_dim,
