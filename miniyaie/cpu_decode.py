@@ -15,12 +15,13 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.cpu_kernels import BlockCodes, kernel_supports, load_cpu_kernels
+from miniyaie.cpu_kernels import kernel_supports, load_cpu_kernels, weight_pointers
 from miniyaie.cpu_linear import KERNEL_MAX_ROWS, CpuLinear
 from miniyaie.kv_cache import KVCacheManager
-from miniyaie.model import LlamaFamilyModel
+from miniyaie.model import DecoderLayer, LlamaFamilyModel
 
 FLOAT = 4  # bytes: pointers into fp32 buffers advance by this much per element
 
@@ -39,10 +40,13 @@ class _Linear:
 
     @classmethod
     def of(cls, layer: CpuLinear) -> _Linear:
-        w = layer.kernel_weight
-        codes = (w.codes.data_ptr(), w.scales.data_ptr(), w.offsets.data_ptr()) if isinstance(w, BlockCodes) else (None,) * 3
-        return cls(None if isinstance(w, BlockCodes) else w.data_ptr(), *codes,
-                   None if layer.bias is None else layer.bias.data_ptr(), layer.out_features, layer.in_features)
+        return cls(*weight_pointers(layer.kernel_weight), None if layer.bias is None else layer.bias.data_ptr(),
+                   layer.out_features, layer.in_features)
+
+
+def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """A layer's Linears in the order of ``_Layer``: qkv, o, gate/up, down."""
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,7 @@ class CpuDecodeSteps:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
         self.args = model.args
         self.layers = [_Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                              _Linear.of(layer.self_attn.qkv_proj), _Linear.of(layer.self_attn.o_proj),
-                              _Linear.of(layer.mlp.gate_up_proj), _Linear.of(layer.mlp.down_proj))
+                              *map(_Linear.of, _linears(layer)))
                        for layer in model.layers]
 
     @staticmethod
@@ -73,8 +76,7 @@ class CpuDecodeSteps:
         """Whether every op of the model's layers has its kernel here: fp32 on the CPU, every Linear
         on the C kernel, attention within the decode kernel's bounds, no per-head q/k norms (Qwen3)."""
         args = model.args
-        linears = [m for layer in model.layers
-                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        linears = [m for layer in model.layers for m in _linears(layer)]
         return (load_cpu_kernels() is not None and kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
                 and all(isinstance(m, CpuLinear) and m.kernel_weight is not None for m in linears))
@@ -98,7 +100,7 @@ class CpuDecodeSteps:
         assert tables.dtype == seq_lens.dtype == torch.int32 and tables.stride(1) == 1 and seq_lens.is_contiguous()
         assert slots.dtype == torch.int64 and slots.is_contiguous()
         layer_bytes = self.kv.k_pool[0].numel() * FLOAT
-        eps = ctypes.c_float(a.rms_norm_eps)
+        eps, scale = ctypes.c_float(a.rms_norm_eps), ctypes.c_float(head_dim ** -0.5)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = self.kv.k_pool.data_ptr() + i * layer_bytes, self.kv.v_pool.data_ptr() + i * layer_bytes
             lib.rms_norm(x.data_ptr(), a.hidden_size, layer.input_norm, hidden.data_ptr(), tokens, a.hidden_size, eps)
@@ -111,8 +113,7 @@ class CpuDecodeSteps:
             lib.paged_decode_attention(rotated.data_ptr(), (heads + kv_heads) * head_dim, head_dim, k_cache, v_cache,
                                        tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
                                        attn.data_ptr(), heads * head_dim, head_dim,
-                                       batch.num_seqs, heads, kv_heads, head_dim, batch.block_size,
-                                       ctypes.c_float(head_dim ** -0.5))
+                                       batch.num_seqs, heads, kv_heads, head_dim, batch.block_size, scale)
             self._linear(attn, layer.o, out, tokens)
             x += out
             lib.rms_norm(x.data_ptr(), a.hidden_size, layer.post_norm, hidden.data_ptr(), tokens, a.hidden_size, eps)

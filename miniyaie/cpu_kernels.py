@@ -31,6 +31,7 @@ import torch
 from miniyaie.loader import default_cache_dir, default_progress
 
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
+HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_decode_attention.c)
 MAX_TOP = 64  # the most alternatives greedy_pick reports (greedy.c)
@@ -53,7 +54,7 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
         default_progress("no C compiler found (cc/gcc): decode attention and one-token Linears run on torch's ops, "
              "which are slower on the CPU; install gcc to use the C kernels")
         return None
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in SOURCES + HEADERS]  # a header change rebuilds too
     version = subprocess.run([compiler, "--version"], capture_output=True).stdout
     key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version, _cpu_description()])).hexdigest()[:16]
     folder = os.path.join(default_cache_dir(), "kernels")
@@ -142,19 +143,22 @@ def find_block_codes(weight: torch.Tensor) -> BlockCodes | None:
     return codes if exact else None
 
 
+def weight_pointers(weight: torch.Tensor | BlockCodes) -> tuple[int | None, int | None, int | None, int | None]:
+    """The C ``linear``'s (weight, codes, scales, offsets) arguments for a contiguous fp32 weight
+    (the last three None) or for its ``BlockCodes`` (the first None)."""
+    if isinstance(weight, BlockCodes):
+        return None, weight.codes.data_ptr(), weight.scales.data_ptr(), weight.offsets.data_ptr()
+    assert weight.is_contiguous() and weight.dtype == torch.float32
+    return weight.data_ptr(), None, None, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | BlockCodes, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for contiguous fp32 ``x`` [m, k], with k a multiple of 8 and
     ``weight`` contiguous fp32 [n, k] or its ``BlockCodes``."""
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32 and x.shape[1] % 8 == 0
-    if isinstance(weight, BlockCodes):
-        n = weight.codes.shape[0]
-        plain, codes, scales, offsets = None, weight.codes.data_ptr(), weight.scales.data_ptr(), weight.offsets.data_ptr()
-    else:
-        assert weight.is_contiguous() and weight.dtype == torch.float32
-        n = weight.shape[0]
-        plain, codes, scales, offsets = weight.data_ptr(), None, None, None
+    n = (weight.codes if isinstance(weight, BlockCodes) else weight).shape[0]
     y = torch.empty(x.shape[0], n)
-    load_cpu_kernels().linear(x.data_ptr(), plain, codes, scales, offsets, None if bias is None else bias.data_ptr(),
+    load_cpu_kernels().linear(x.data_ptr(), *weight_pointers(weight), None if bias is None else bias.data_ptr(),
                               y.data_ptr(), x.shape[0], n, x.shape[1])
     return y
 

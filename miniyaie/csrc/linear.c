@@ -24,26 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec8.h"
+
 #define BLOCK 32  /* weights per (scale, offset) */
 #define MR 2      /* x rows per tile */
 #define NR 6      /* weight rows per tile (a panel) */
-
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p)
-{
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline float sum8(v8f v)
-{
-    float s = 0.0f;
-    for (int i = 0; i < 8; i++)
-        s += v[i];
-    return s;
-}
 
 /* out = scale * code + offset for one row of k weights. */
 static void expand_row(const int8_t *codes, const float *scales, const float *offsets, float *out, int k)

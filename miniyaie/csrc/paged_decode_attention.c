@@ -19,28 +19,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vec8.h"
+
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
-
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p)
-{
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
-static inline float sum8(v8f v)
-{
-    float s = 0.0f;
-    for (int i = 0; i < 8; i++)
-        s += v[i];
-    return s;
-}
 
 /* scores[t] = q . k_t for the n key rows of a block (row floats apart), 8 rows at a time. */
 static void block_scores(const float *q, const float *k_rows, int64_t row, int n, int head_dim, float *scores)
