@@ -20,6 +20,19 @@ def test_pool_shape_and_bytes():
     assert kv.num_free_blocks == 5 and kv.usage == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_starts_zeroed_writable_and_separate(dtype):
+    """On the CPU the pool comes from calloc (numpy): still zeros, contiguous, and K apart from V
+    (the torch backend reads padding slots, masked, and would turn garbage NaNs into NaN outputs).
+    A large pool too: there calloc maps pages the OS zeroes, instead of memset."""
+    for num_blocks in (5, 4096):
+        kv = KVCacheManager(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=num_blocks, block_size=16,
+                            dtype=dtype, device=torch.device("cpu"))
+        assert kv.k_pool.dtype == dtype and kv.k_pool.is_contiguous() and not kv.k_pool.any() and not kv.v_pool.any()
+        kv.k_pool[1, -1] = 1.0
+        assert kv.k_pool.sum() == 16 and not kv.v_pool.any()
+
+
 def test_allocate_incref_release():
     kv = make_kv()
     a = kv.allocate(3)
