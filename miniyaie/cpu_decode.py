@@ -19,7 +19,7 @@ from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
 from miniyaie.cpu_kernels import kernel_supports, load_cpu_kernels, weight_pointers
-from miniyaie.cpu_linear import KERNEL_MAX_ROWS, CpuLinear
+from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
 
@@ -79,10 +79,10 @@ class CpuDecodeSteps:
         linears = [m for layer in model.layers for m in _linears(layer)]
         return (load_cpu_kernels() is not None and kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
-                and all(isinstance(m, CpuLinear) and m.kernel_weight is not None for m in linears))
+                and all(isinstance(m, CpuLinear) for m in linears))
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.num_extends == 0 and 0 < batch.num_seqs <= KERNEL_MAX_ROWS
+        return batch.num_extends == 0 and batch.num_seqs > 0
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them; writes the new K/V into the pool."""

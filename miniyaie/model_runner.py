@@ -87,7 +87,7 @@ class ModelRunner:
         if config.quantization == "int8":
             model = quantize_int8(model)
         elif self.device.type == "cpu" and self.dtype == torch.float32 and cpu_linears_available():
-            model = use_cpu_linears(model)  # C kernel on block codes for decode, oneDNN for prefill
+            model = use_cpu_linears(model)  # the C kernel at every batch size, on block codes where there are some
         self.model = model.eval()
         self.backend = create_backend(config.attention_backend, self.device)
         self.kv = KVCacheManager(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
