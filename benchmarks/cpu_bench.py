@@ -1,6 +1,6 @@
 """CPU benchmarks: Mini-YAIE vs transformers on the embedded SmolLM2-135M-Instruct, same dtype, same run.
 
-    python benchmarks/cpu_bench.py [--dtype float32] [--rounds 3] [--only chat_burst,single_stream,shared_prefix,startup]
+    python benchmarks/cpu_bench.py [--dtype float32] [--rounds 5] [--only chat_burst,single_stream,shared_prefix,startup]
 
 Prints one markdown table per workload (ours and the peer side by side, with the ratio); paste
 them into benchmarks/RESULTS.md. Progress goes to stderr. Chat burst and single stream run
@@ -188,7 +188,7 @@ def startup(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=3, help="turns of ours and the peer (chat burst, single stream)")
+    parser.add_argument("--rounds", type=int, default=5, help="turns of ours and the peer (chat burst, single stream)")
     parser.add_argument("--only", default="chat_burst,single_stream,shared_prefix,startup")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
