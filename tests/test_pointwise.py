@@ -13,7 +13,7 @@ from conftest import needs_cpu_kernel
 
 pytestmark = needs_cpu_kernel
 
-ROWS = [1, 3, 16, 65, 300]
+ROWS = [1, 3, 4, 5, 16, 65, 300]  # one thread up to 4 rows, split between threads from 5
 
 
 def model_args(num_heads: int = 4, head_dim: int = 8) -> ModelArgs:
