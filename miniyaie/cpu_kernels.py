@@ -3,8 +3,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
 
 - ``paged_decode_attention``: decode attention reading K/V in place from the paged pool
   (the ``cpu`` attention backend); ``write_kv`` stores a step's new K/V rows into their slots.
-- ``linear``: a Linear at decode-sized batches (``CpuLinear``), on fp32 weights or on their exact
-  block codes (``find_block_codes``).
+- ``linear``: every fp32 Linear on the CPU, decode steps and prefill chunks (``CpuLinear``), on
+  fp32 weights or on their exact block codes (``find_block_codes``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
