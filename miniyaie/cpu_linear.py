@@ -59,15 +59,10 @@ class CpuLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"
 
 
-def cpu_linears_available() -> bool:
-    """True where the C kernels compiled here."""
-    return load_cpu_kernels() is not None
-
-
 def use_cpu_linears(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.Linear`` of ``model`` (fp32, CPU, weights loaded) that the kernel supports for
-    a ``CpuLinear``, in place. A head tied to the embedding gets its own codes; without codes, the
-    kernel reads the embedding itself."""
+    """Swap every ``nn.Linear`` of ``model`` (weights loaded) that the kernel takes (``CpuLinear.supports``:
+    fp32 on the CPU, where the C kernels compiled) for a ``CpuLinear``, in place. A head tied to the
+    embedding gets its own codes; without codes, the kernel reads the embedding itself."""
     linears = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear and CpuLinear.supports(child.weight)]
     for parent, name in linears:  # one at a time, so each old weight is freed before the next copy

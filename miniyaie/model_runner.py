@@ -10,7 +10,7 @@ from miniyaie.attention import ForwardBatch, create_backend
 from miniyaie.attention.layer import AttentionContext
 from miniyaie.config import EngineConfig
 from miniyaie.cpu_decode import CpuDecodeSteps
-from miniyaie.cpu_linear import cpu_linears_available, use_cpu_linears
+from miniyaie.cpu_linear import use_cpu_linears
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
@@ -86,7 +86,7 @@ class ModelRunner:
             model.lm_head.weight = model.embed_tokens.weight
         if config.quantization == "int8":
             model = quantize_int8(model)
-        elif self.device.type == "cpu" and self.dtype == torch.float32 and cpu_linears_available():
+        elif self.device.type == "cpu" and self.dtype == torch.float32:
             model = use_cpu_linears(model)  # the C kernel at every batch size, on block codes where there are some
         self.model = model.eval()
         self.backend = create_backend(config.attention_backend, self.device)
