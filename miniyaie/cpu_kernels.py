@@ -51,8 +51,8 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     """The compiled library, or None where it cannot be built here."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        default_progress("no C compiler found (cc/gcc): decode attention and one-token Linears run on torch's ops, "
-             "which are slower on the CPU; install gcc to use the C kernels")
+        default_progress("no C compiler found (cc/gcc): the Linears, decode attention and the small ops run on "
+             "torch's, which are slower on the CPU; install gcc to use the C kernels")
         return None
     sources = [source.read_bytes() for source in SOURCES + HEADERS]  # a header change rebuilds too
     version = subprocess.run([compiler, "--version"], capture_output=True).stdout
