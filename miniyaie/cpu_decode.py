@@ -74,10 +74,10 @@ class CpuDecodeSteps:
     @staticmethod
     def supports(model: LlamaFamilyModel, kv: KVCacheManager) -> bool:
         """Whether every op of the model's layers has its kernel here: fp32 on the CPU, every Linear
-        on the C kernel, attention within the decode kernel's bounds, no per-head q/k norms (Qwen3)."""
+        on the C kernel (so the kernels compiled), attention within the decode kernel's bounds, no per-head q/k norms (Qwen3)."""
         args = model.args
         linears = [m for layer in model.layers for m in _linears(layer)]
-        return (load_cpu_kernels() is not None and kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32
+        return (kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
                 and all(isinstance(m, CpuLinear) for m in linears))
 

@@ -20,9 +20,10 @@ def cpu_engine(loaded, **overrides) -> Engine:
                                          num_blocks=256, attention_backend="cpu"), **overrides}), loaded=loaded)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])  # qwen2: qkv bias, tied head
-def test_decode_steps_equal_the_models_forward(tiny_loaded, name):
-    engine = cpu_engine(tiny_loaded(name))
+@pytest.mark.parametrize("name,sequences", [("llama", 6), ("qwen2", 6), ("llama", 52)])  # qwen2: qkv bias, tied head
+def test_decode_steps_equal_the_models_forward(tiny_loaded, name, sequences):
+    """6 sequences: the Linear's few-rows path; 52: its panel path, at any batch size."""
+    engine = cpu_engine(tiny_loaded(name), num_blocks=1024)
     runner, fast = engine.runner, engine.runner.cpu_decode
     assert fast is not None
     compared: list[int] = []
@@ -39,10 +40,10 @@ def test_decode_steps_equal_the_models_forward(tiny_loaded, name):
     fast.run = run_both
     rng = random.Random(0)
     system = [rng.randrange(100, 1000) for _ in range(9)]  # a shared prefix, then prompts of mixed lengths
-    prompts = [system + [rng.randrange(100, 1000) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    prompts = [system + [rng.randrange(100, 1000) for _ in range(rng.randrange(1, 12))] for _ in range(sequences)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.8, seed=1, ignore_eos=True))
     assert all(len(o.token_ids) == 10 for o in outs)
-    assert len(compared) >= 9 and max(compared) == 6  # every decode step of the run, batched
+    assert len(compared) >= 9 and max(compared) == sequences  # every decode step of the run, batched
     engine.check_integrity()
 
 
