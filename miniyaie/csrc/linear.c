@@ -176,7 +176,18 @@ void linear(const float *x, const float *weight, const int8_t *codes, const floa
                         expand_row(codes + j * k, scales + j * blocks, offsets + j * blocks, buffer + c * k, k);
                 }
             }
+            /* The next panel's weight bytes are fetched from memory a share per tile, so that its first
+             * read is not a stall: the hardware prefetcher only runs a few lines ahead of a stream
+             * that is read in bursts (a panel, then ~1 us of products). 5-8% at 16-64 rows. */
+            const int next_rows = n - j0 - NR < NR ? n - j0 - NR : NR;  /* <= 0 after the last panel */
+            const int64_t next_bytes = next_rows > 0 ? (int64_t)next_rows * k * (codes ? 1 : sizeof(float)) : 0;
+            const char *next = next_bytes == 0 ? NULL
+                             : codes ? (const char *)(codes + (int64_t)(j0 + NR) * k)
+                                     : (const char *)(weight + (int64_t)(j0 + NR) * k);
+            const int tiles = (m + MR - 1) / MR;
             for (int r = 0; r < m; r += MR) {
+                for (int64_t at = next_bytes * (r / MR) / tiles / 64 * 64; at < next_bytes * (r / MR + 1) / tiles; at += 64)
+                    __builtin_prefetch(next + at);
                 const float *xr = x + (int64_t)r * k;
                 const int tile_rows = m - r < MR ? m - r : MR;
                 float *out = rows == NR ? y + (int64_t)r * n + j0 : edge;
