@@ -17,10 +17,11 @@
  * one thread pool). Written with GCC vector extensions, so it compiles for any CPU; on the 2-core
  * AVX2 dev machine it runs SmolLM2-135M's weights at 16 rows in ~45-55 ms (oneDNN: 75-110 ms on
  * packed fp32 weights) and keeps up with oneDNN at prefill sizes (219 rows: 489 vs 491 ms), so it
- * serves every batch size. The tiles alone take ~38 ms at 16 rows (~110 GFLOPS; that core needs
- * ~16 multiply-adds in flight, more than 16 registers hold beside a product's loads, so no AVX2 tile
- * shape tried got past ~150); expanding the codes is the rest (packing Q4_1's codes two to a byte
- * made it slower, not faster). Up to 8 rows take a path without the buffer (few_rows, below).
+ * serves every batch size. With its panel in L1 the 2 x 6 tile runs at 80-87% of the core's
+ * multiply-add peak; at 16 rows in a real step the products run at ~50% of it, and expanding the codes
+ * is most of the difference (packing Q4_1's codes two to a byte, other tile shapes, cutting k into
+ * chunks and expanding between tiles were all slower: benchmarks/RESULTS.md). Up to 8 rows take a
+ * path without the buffer (few_rows, below).
  */
 #include <stdint.h>
 #include <stdlib.h>
