@@ -118,9 +118,9 @@ def build_app(engine_thread: EngineThread, api_key: Optional[str] = None, *,
     """FastAPI app serving the API routes and the Gradio page at "/" (API routes win: they are
     registered before the mount). The body-size cap wraps both. Gradio serves no files of ours:
     no ``allowed_paths``; the stylesheet and script are inlined into the page."""
-    import gradio as gr
+    from ui import CSS_PATH, build_ui, page_js  # first: it makes importing gradio skip its stub writer
 
-    from ui import CSS_PATH, build_ui, page_js
+    import gradio as gr
 
     app = create_api(engine_thread, api_key=api_key, max_body_bytes=max_body_bytes,
                      max_concurrent_per_client=max_concurrent_per_client)

@@ -3,7 +3,10 @@ app driven through ``gradio_client`` against a tiny random-weight engine on 127.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +48,27 @@ def snapshot(tree=None, blocks=None, requests=(), steps=(), evicted=(), version=
     return EngineSnapshot(version, 105.0, "tiny", "cpu", "float32", 16, num_blocks,
                           sum(b.state == "free" for b in blocks), True, "lpm", tuple(tree), 0, tuple(evicted),
                           tuple(blocks), tuple(requests), tuple(steps), metrics, history, None)
+
+
+def test_importing_the_ui_turns_off_gradios_stub_writer():
+    """Gradio rewrites its components' type stubs on every import (~2-3 s of a ~10 s start-up here);
+    importing ``ui`` first swaps that for a no-op, and components still build."""
+    code = ("import ui, gradio as gr, gradio.component_meta as meta\n"
+            "assert meta.create_or_modify_pyi.__name__ == '_no_stub', meta.create_or_modify_pyi\n"
+            "with gr.Blocks():\n"
+            "    box = gr.Textbox(label='prompt')\n"
+            "assert box.label == 'prompt' and callable(box.change)\n")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)
+
+
+def test_stub_writer_hook_stays_out_once_gradio_is_imported():
+    import gradio  # noqa: F401  (imported by this module's ui imports already)
+
+    from ui.gradio_import import _StubWriterSkipper, skip_stub_writer
+    before = list(sys.meta_path)
+    skip_stub_writer()
+    assert sys.meta_path == before
+    assert sum(isinstance(f, _StubWriterSkipper) for f in sys.meta_path) <= 1
 
 
 def test_tidy_layout_is_a_stable_tree():
