@@ -5,7 +5,8 @@ stub from its source with ``ast`` and rewrites the ``.pyi`` file beside it when 
 (``create_or_modify_pyi``). That keeps the stubs of Gradio's own repository current while its
 developers work; an installed Gradio ships them already, and nothing reads them at run time. It still
 runs on every ``import gradio``, for ~80 components: on the 2-core dev machine ``import gradio`` takes
-4.9-6.2 s with it and 2.9-3.0 s without (Gradio 6.31), out of a ~10 s start-up whose target is 10.
+4.9-6.2 s with it and 2.9-3.0 s without (Gradio 6.31), and a later start of the demo 9.8 s with it,
+7.2 s without (benchmarks/RESULTS.md).
 
 ``skip_stub_writer`` installs an import hook that swaps the function for a no-op the moment its
 module has run, before the first component class is built. Where Gradio is already imported, or no
