@@ -1,18 +1,19 @@
-"""Decode steps on the CPU with no torch in between: every op of every layer is a direct call into
-the C kernels (``miniyaie/csrc``), on pointers taken once.
+"""Decode steps on the CPU with no torch in between: one call into the C kernels
+(``miniyaie/csrc/decode_step.c``) runs every layer, on pointers gathered once.
 
 At decode batch sizes a layer's arithmetic is small, and getting to it cost as much again: module
 calls, views, allocations and the wrappers' checks took ~0.5 ms a layer on the 2-core dev machine,
-as long as the products themselves at one sequence. This runs a decode-only step as a plain loop of
-kernel calls over scratch buffers allocated once per step. It is the CPU's counterpart of the CUDA
-graphs (``miniyaie/cuda_graphs.py``), and like them it computes exactly what the model's forward
-computes on the same kernels (a test compares the two bit for bit); the model's forward stays the
-path for extends and for everything this does not cover.
+as long as the products themselves at one sequence; a Python loop of direct kernel calls still
+took ~1.3 ms a 16-sequence step, while the second core waited. So the loop over layers is in C,
+and Python calls it once a step with the layers' weights and pool pointers (ctypes Structures
+built at start-up) and scratch buffers allocated once per step. It is the CPU's counterpart of the
+CUDA graphs (``miniyaie/cuda_graphs.py``), and like them it computes exactly what the model's
+forward computes on the same kernels (a test compares the two bit for bit); the model's forward
+stays the path for extends and for everything this does not cover.
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,53 +24,59 @@ from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
 
-FLOAT = 4  # bytes: pointers into fp32 buffers advance by this much per element
+_ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 
 
-@dataclass(frozen=True)
-class _Linear:
-    """The arguments of the C ``linear`` for one layer's weight (pointers as ints)."""
+class _LinearWeights(ctypes.Structure):
+    """decode_step.c's ``linear_weights``: fp32 rows, or else block codes."""
 
-    weight: int | None  # fp32 [n, k], or None when the codes below are given
-    codes: int | None
-    scales: int | None
-    offsets: int | None
-    bias: int | None
-    out_features: int
-    in_features: int
+    _fields_ = [("weight", _ptr), ("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("bias", _ptr),
+                ("out_features", _i32), ("in_features", _i32)]
 
     @classmethod
-    def of(cls, layer: CpuLinear) -> _Linear:
+    def of(cls, layer: CpuLinear) -> _LinearWeights:
         return cls(*weight_pointers(layer.kernel_weight), None if layer.bias is None else layer.bias.data_ptr(),
                    layer.out_features, layer.in_features)
 
 
+class _DecoderLayer(ctypes.Structure):
+    """decode_step.c's ``decoder_layer``: a layer's weights and its part of the K/V pool."""
+
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _LinearWeights), ("o", _LinearWeights),
+                ("gate_up", _LinearWeights), ("down", _LinearWeights), ("k_cache", _ptr), ("v_cache", _ptr)]
+
+
+class _DecodeShape(ctypes.Structure):
+    _fields_ = [(name, _i32) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
+                                         "block_size")] + [("eps", _f32), ("scale", _f32)]
+
+
+class _DecodeBuffers(ctypes.Structure):
+    _fields_ = [(name, _ptr) for name in ("normed", "qkv", "rotated", "attn", "out", "gate_up", "act")]
+
+
 def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
-    """A layer's Linears in the order of ``_Layer``: qkv, o, gate/up, down."""
+    """A layer's Linears in the order of ``_DecoderLayer``: qkv, o, gate/up, down."""
     return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
-
-
-@dataclass(frozen=True)
-class _Layer:
-    input_norm: int
-    post_norm: int
-    qkv: _Linear
-    o: _Linear
-    gate_up: _Linear
-    down: _Linear
 
 
 class CpuDecodeSteps:
     """Runs decode-only steps of ``model`` (fp32, on the CPU, its Linears swapped for ``CpuLinear``s)
-    over the pool of ``kv``. Holds the layers' weight pointers, not the weights: the model owns them
-    and must outlive this (the runner holds both)."""
+    over the pool of ``kv``. Holds the layers' weight and pool pointers, not the weights: the model
+    and the pool must outlive this (the runner holds all three)."""
 
     def __init__(self, model: LlamaFamilyModel, kv: KVCacheManager) -> None:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
         self.args = model.args
-        self.layers = [_Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                              *map(_Linear.of, _linears(layer)))
-                       for layer in model.layers]
+        self.lib.decode_layers.argtypes = [_ptr, ctypes.POINTER(_DecoderLayer), _i32, ctypes.POINTER(_DecodeShape),
+                                           ctypes.POINTER(_DecodeBuffers), _ptr, _ptr, _ptr, _ptr, ctypes.c_int64, _ptr]
+        self.lib.decode_layers.restype = None
+        layer_bytes = kv.k_pool[0].numel() * kv.k_pool.element_size()
+        self.layers = (_DecoderLayer * len(model.layers))(*(
+            _DecoderLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                          *map(_LinearWeights.of, _linears(layer)),
+                          kv.k_pool.data_ptr() + i * layer_bytes, kv.v_pool.data_ptr() + i * layer_bytes)
+            for i, layer in enumerate(model.layers)))
 
     @staticmethod
     def supports(model: LlamaFamilyModel, kv: KVCacheManager) -> bool:
@@ -77,7 +84,7 @@ class CpuDecodeSteps:
         on the C kernel (so the kernels compiled), attention within the decode kernel's bounds, no per-head q/k norms (Qwen3)."""
         args = model.args
         linears = [m for layer in model.layers for m in _linears(layer)]
-        return (kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32
+        return (kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32 and kv.k_pool.is_contiguous()
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
                 and all(isinstance(m, CpuLinear) for m in linears))
 
@@ -86,43 +93,21 @@ class CpuDecodeSteps:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them; writes the new K/V into the pool."""
-        a, lib, tokens = self.args, self.lib, batch.num_tokens
+        a, tokens = self.args, batch.num_tokens
         heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        qkv_width = (heads + 2 * kv_heads) * head_dim
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, updated in place
         cos, sin = self.model.rope(batch.positions)
-        hidden = torch.empty(tokens, a.hidden_size)  # scratch, reused by every layer
-        qkv, rotated = torch.empty(tokens, qkv_width), torch.empty(tokens, heads + kv_heads, head_dim)
-        attn, out = torch.empty(tokens, heads * head_dim), torch.empty(tokens, a.hidden_size)
-        gate_up, act = torch.empty(tokens, 2 * a.intermediate_size), torch.empty(tokens, a.intermediate_size)
-        tables, seq_lens = batch.block_tables, batch.seq_lens
-        slots = batch.slot_mapping
+        buffers = [torch.empty(tokens, width) for width in (
+            a.hidden_size, (heads + 2 * kv_heads) * head_dim, (heads + kv_heads) * head_dim, heads * head_dim,
+            a.hidden_size, 2 * a.intermediate_size, a.intermediate_size)]  # in _DecodeBuffers' order
+        tables, seq_lens, slots = batch.block_tables, batch.seq_lens, batch.slot_mapping
+        assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
         assert tables.dtype == seq_lens.dtype == torch.int32 and tables.stride(1) == 1 and seq_lens.is_contiguous()
         assert slots.dtype == torch.int64 and slots.is_contiguous()
-        layer_bytes = self.kv.k_pool[0].numel() * FLOAT
-        eps, scale = ctypes.c_float(a.rms_norm_eps), ctypes.c_float(head_dim ** -0.5)
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = self.kv.k_pool.data_ptr() + i * layer_bytes, self.kv.v_pool.data_ptr() + i * layer_bytes
-            lib.rms_norm(x.data_ptr(), a.hidden_size, layer.input_norm, hidden.data_ptr(), tokens, a.hidden_size, eps)
-            self._linear(hidden, layer.qkv, qkv, tokens)
-            lib.rotary(qkv.data_ptr(), qkv_width, cos.data_ptr(), sin.data_ptr(), rotated.data_ptr(),
-                       tokens, heads + kv_heads, head_dim)
-            lib.write_kv(rotated.data_ptr() + heads * head_dim * FLOAT, (heads + kv_heads) * head_dim,
-                         qkv.data_ptr() + (heads + kv_heads) * head_dim * FLOAT, qkv_width,
-                         k_cache, v_cache, slots.data_ptr(), tokens, kv_heads * head_dim)
-            lib.paged_decode_attention(rotated.data_ptr(), (heads + kv_heads) * head_dim, head_dim, k_cache, v_cache,
-                                       tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
-                                       attn.data_ptr(), heads * head_dim, head_dim,
-                                       batch.num_seqs, heads, kv_heads, head_dim, batch.block_size, scale)
-            self._linear(attn, layer.o, out, tokens)
-            x += out
-            lib.rms_norm(x.data_ptr(), a.hidden_size, layer.post_norm, hidden.data_ptr(), tokens, a.hidden_size, eps)
-            self._linear(hidden, layer.gate_up, gate_up, tokens)
-            lib.silu_and_mul(gate_up.data_ptr(), act.data_ptr(), tokens, a.intermediate_size)
-            self._linear(act, layer.down, out, tokens)
-            x += out
+        shape = _DecodeShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
+                             a.rms_norm_eps, head_dim ** -0.5)
+        self.lib.decode_layers(x.data_ptr(), self.layers, len(self.layers), ctypes.byref(shape),
+                               ctypes.byref(_DecodeBuffers(*(b.data_ptr() for b in buffers))),
+                               cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                               tables.data_ptr(), tables.stride(0), seq_lens.data_ptr())
         return self.model.lm_head(self.model.norm(x[batch.logits_indices])).float()
-
-    def _linear(self, x: torch.Tensor, w: _Linear, y: torch.Tensor, rows: int) -> None:
-        self.lib.linear(x.data_ptr(), w.weight, w.codes, w.scales, w.offsets, w.bias, y.data_ptr(),
-                        rows, w.out_features, w.in_features)

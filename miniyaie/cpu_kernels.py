@@ -8,6 +8,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
+- ``decode_layers``: a decode step's layers in one call, stringing the kernels above together
+  (``miniyaie/cpu_decode.py`` declares its argument structs).
 
 Compiling takes a few seconds and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler

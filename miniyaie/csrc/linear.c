@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec8.h"
 
 #define BLOCK 32  /* weights per (scale, offset) */

@@ -12,6 +12,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 #define PARALLEL_ROWS 4
 
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows of dim floats (x rows x_stride apart). */

@@ -1,0 +1,24 @@
+/* The C kernels' entry points, for the kernels that call each other (decode_step.c) and for the
+ * files that define them, so the compiler checks every definition against its declaration. The
+ * Python side declares the same signatures for ctypes (miniyaie/cpu_kernels.py). */
+#ifndef MINIYAIE_KERNELS_H
+#define MINIYAIE_KERNELS_H
+
+#include <stdint.h>
+
+void linear(const float *x, const float *weight, const int8_t *codes, const float *scales,
+            const float *offsets, const float *bias, float *y, int m, int n, int k);
+void rms_norm(const float *x, int64_t x_stride, const float *weight, float *out, int rows, int dim, float eps);
+void silu_and_mul(const float *x, float *out, int rows, int half);
+void rotary(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out,
+            int tokens, int heads, int head_dim);
+void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+              float *k_cache, float *v_cache, const int64_t *slots, int tokens, int row);
+void paged_decode_attention(
+    const float *q, int64_t q_row_stride, int64_t q_head_stride,
+    const float *k_cache, const float *v_cache,
+    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+    float *out, int64_t out_row_stride, int64_t out_head_stride,
+    int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale);
+
+#endif
