@@ -1,10 +1,10 @@
 """KVCacheManager: the paged KV pool and its blocks' reference counts."""
 from __future__ import annotations
 
+import heapq
 import math
-from collections import deque
+import mmap
 
-import numpy as np
 import torch
 
 
@@ -21,7 +21,7 @@ class KVCacheManager:
 
     Invariants: a block is free iff its reference count is 0; the free list holds each free block
     exactly once; every holder (a running request, the radix tree) holds exactly one reference.
-    Allocate and free are O(blocks moved).
+    Allocation takes the lowest-numbered free blocks; allocate and free are O(log num_blocks) per block.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
@@ -33,9 +33,12 @@ class KVCacheManager:
         self.k_pool = _zeros(shape, dtype, device)
         self.v_pool = _zeros(shape, dtype, device)
         self.ref_counts = [0] * num_blocks
-        # FIFO reuse keeps recently freed blocks (whose contents may still be useful to look at in
-        # the demo) around a little longer and spreads use over the pool.
-        self._free: deque[int] = deque(range(num_blocks))
+        # A min-heap: the lowest free block goes first, so the blocks in use stay packed at the start
+        # of each layer's pool. On the CPU that keeps the memory a step touches compact: few fresh
+        # pages to fault in, and few huge pages (see _zeros) for attention's reads to translate —
+        # ~2% of a 16-chat burst on the 2-core dev machine, against handing out blocks in FIFO order,
+        # which spread each burst over pages never touched before.
+        self._free: list[int] = list(range(num_blocks))
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -55,7 +58,7 @@ class KVCacheManager:
         """Take ``n`` free blocks, each with reference count 1 (held by the caller)."""
         if n > len(self._free):
             raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
         for b in blocks:
             self.ref_counts[b] = 1
         return blocks
@@ -74,7 +77,7 @@ class KVCacheManager:
                 raise RuntimeError(f"release of free block {b}: double free")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free.append(b)
+                heapq.heappush(self._free, b)
 
     def check_integrity(self) -> None:
         free = list(self._free)
@@ -91,10 +94,14 @@ class KVCacheManager:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled pool. On the CPU through numpy, whose zeros come from calloc: the OS maps
-    zeroed pages in as they are first written, where torch.zeros writes every byte up front (0.8 s
-    of start-up for the demo's 2 x 1 GiB on the 2-core machine)."""
+    """A zero-filled pool. On the CPU an anonymous memory mapping: the OS maps zeroed pages in as
+    they are first written, where torch.zeros writes every byte up front (0.8 s of start-up for the
+    demo's 2 x 1 GiB on the 2-core machine), and it asks for transparent huge pages where the
+    kernel grants them on request: decode attention reads blocks spread over the pool, and one 2 MiB
+    page covers what 512 TLB entries would."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    memory = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the mapping alive

@@ -22,15 +22,27 @@ def test_pool_shape_and_bytes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_starts_zeroed_writable_and_separate(dtype):
-    """On the CPU the pool comes from calloc (numpy): still zeros, contiguous, and K apart from V
-    (the torch backend reads padding slots, masked, and would turn garbage NaNs into NaN outputs).
-    A large pool too: there calloc maps pages the OS zeroes, instead of memset."""
+    """On the CPU the pool is an anonymous memory mapping: still zeros, contiguous, and K apart from V
+    (the torch backend reads padding slots, masked, and would turn garbage NaNs into NaN outputs),
+    small or large, and alive as long as the tensor is."""
     for num_blocks in (5, 4096):
         kv = KVCacheManager(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=num_blocks, block_size=16,
                             dtype=dtype, device=torch.device("cpu"))
         assert kv.k_pool.dtype == dtype and kv.k_pool.is_contiguous() and not kv.k_pool.any() and not kv.v_pool.any()
-        kv.k_pool[1, -1] = 1.0
-        assert kv.k_pool.sum() == 16 and not kv.v_pool.any()
+        k_pool, v_pool = kv.k_pool, kv.v_pool
+        del kv
+        k_pool[1, -1] = 1.0
+        assert k_pool.sum() == 16 and not v_pool.any()
+
+
+def test_the_lowest_free_blocks_go_first():
+    """Blocks in use stay packed at the start of the pool: a freed block is the next one handed out."""
+    kv = make_kv(num_blocks=8)
+    assert kv.allocate(3) == [0, 1, 2]
+    kv.release([1])
+    kv.release([0])
+    assert kv.allocate(3) == [0, 1, 3]
+    kv.check_integrity()
 
 
 def test_allocate_incref_release():
