@@ -87,7 +87,7 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
-    lib.greedy_pick.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
+    lib.greedy_pick.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr]
     for name in ("rms_norm", "silu_and_mul", "rotary", "write_kv", "greedy_pick"):
         getattr(lib, name).restype = None
     return lib
@@ -197,13 +197,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out
 
 
-def greedy_pick(logits: torch.Tensor, num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax, and the
-    ``num_top`` (<= MAX_TOP) most likely ids with their softmax probabilities, most likely first."""
+def greedy_pick(logits: torch.Tensor, num_top: int, want_logprob: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax (NaN when neither
+    ``want_logprob`` nor ``num_top``: then the normaliser is not computed), and the ``num_top`` (<= MAX_TOP) most likely ids with their softmax
+    probabilities, most likely first."""
     assert logits.dtype == torch.float32 and logits.is_contiguous() and 0 <= num_top <= MAX_TOP
     rows, vocab = logits.shape
     token, logprob = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     top_ids, top_probs = torch.empty(rows, num_top, dtype=torch.int64), torch.empty(rows, num_top)
-    load_cpu_kernels().greedy_pick(logits.data_ptr(), rows, vocab, num_top, token.data_ptr(), logprob.data_ptr(),
-                                   top_ids.data_ptr(), top_probs.data_ptr())
+    load_cpu_kernels().greedy_pick(logits.data_ptr(), rows, vocab, num_top, int(want_logprob), token.data_ptr(),
+                                   logprob.data_ptr(), top_ids.data_ptr(), top_probs.data_ptr())
     return token, logprob, top_ids, top_probs

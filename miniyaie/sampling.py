@@ -52,6 +52,7 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     greedy: list[bool]  # host copy of temperatures == 0, so the kernel never syncs to read it
     num_top: int  # alternatives returned per row (top_ids / top_probs width)
+    any_logprobs: bool  # some row reports log p(chosen): the greedy fast path skips the normaliser otherwise
     filter_rows: list[int]  # rows that use top-k or top-p (only these are sorted)
     filter_width: int  # largest top-k among filter_rows; vocab size if one of them has top-p only
     any_penalty: bool
@@ -98,6 +99,7 @@ class SamplingBatch:
             output_token_ids=[list(t) if u else [] for t, u in zip(output_token_ids, uses_penalty)],
             greedy=greedy,
             num_top=min(vocab_size, max([num_top] + [p.logprobs or 0 for p in params])),
+            any_logprobs=any(p.logprobs is not None for p in params),
             filter_rows=filter_rows,
             filter_width=max((top_ks[i] for i in filter_rows), default=vocab_size),
             any_penalty=any(uses_penalty),
@@ -114,7 +116,7 @@ class SamplerOutput:
     """What the kernel chose, and the processed distribution it chose from."""
 
     token_ids: Tensor  # [B] int64
-    logprobs: Tensor  # [B] float32, log p(chosen) under the processed distribution
+    logprobs: Tensor  # [B] float32, log p(chosen) under the processed distribution (may be NaN unless any_logprobs)
     top_ids: Tensor  # [B, num_top] int64, most likely first
     top_probs: Tensor  # [B, num_top] float32
 
@@ -155,7 +157,7 @@ class SamplingKernel:
         if batch.all_greedy and not (batch.any_top_k or batch.any_top_p or batch.any_min_p):
             # Fast path: no sort, no CDF; the reported distribution is softmax at temperature 1.
             if cpu_kernels.handles(logits) and batch.num_top <= cpu_kernels.MAX_TOP:
-                return SamplerOutput(*cpu_kernels.greedy_pick(logits.contiguous(), batch.num_top))
+                return SamplerOutput(*cpu_kernels.greedy_pick(logits.contiguous(), batch.num_top, batch.any_logprobs))
             token_ids = logits.argmax(dim=-1)
             logprobs_all = torch.log_softmax(logits, dim=-1)
             return self._output(token_ids, logprobs_all, batch.num_top)

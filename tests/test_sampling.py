@@ -298,3 +298,7 @@ def test_greedy_pick_kernel_matches_torch(rows, vocab, num_top):
     torch.testing.assert_close(top_probs, ref_probs)
     assert torch.equal(top_ids[1:], ref_ids[1:])  # row 0's tie may come in either order from topk
     assert top_ids.shape == (rows, num_top) and top_ids.dtype == torch.int64
+    # nobody asked for the log-probability: the same token, the normaliser skipped
+    token_alone, no_logprob, ids_alone, probs_alone = cpu_kernels.greedy_pick(logits, num_top, want_logprob=False)
+    assert torch.equal(token_alone, token) and (no_logprob.isnan().all() if num_top == 0 else torch.equal(no_logprob, logprob))
+    assert torch.equal(ids_alone, top_ids) and torch.equal(probs_alone, top_probs)
