@@ -1,15 +1,16 @@
 """The CPU's C kernels (``miniyaie/csrc/*.c``): compiled on first use with the machine's C
 compiler into one library, cached, and called through ctypes on torch tensors' memory.
 
-- ``paged_decode_attention``: decode attention reading K/V in place from the paged pool
-  (the ``cpu`` attention backend); ``write_kv`` stores a step's new K/V rows into their slots.
+- ``paged_attention``: attention reading K/V in place from the paged pool (the ``cpu`` attention
+  backend): extending sequences through ``paged_extend_attention``, decoding ones through
+  ``paged_decode_attention``; ``write_kv`` stores a step's new K/V rows into their slots.
 - ``linear``: every fp32 Linear on the CPU, decode steps and prefill chunks (``CpuLinear``), on
   fp32 weights or on their exact block codes (``find_block_codes``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
-- ``decode_layers``: a decode step's layers in one call, stringing the kernels above together
-  (``miniyaie/cpu_decode.py`` declares its argument structs).
+- ``forward_layers``: a step's layers in one call, stringing the kernels above together
+  (``miniyaie/cpu_forward.py``).
 
 Compiling takes a few seconds and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
@@ -27,15 +28,19 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from miniyaie.loader import default_cache_dir, default_progress
 
+if TYPE_CHECKING:
+    from miniyaie.attention.batch import ForwardBatch
+
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_decode_attention.c)
+MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_*_attention.c)
 MAX_TOP = 64  # the most alternatives greedy_pick reports (greedy.c)
 BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
 
@@ -76,9 +81,8 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     # loaded after torch, so its libgomp.so.1 resolves to the OpenMP runtime torch loaded: one thread pool
     lib = ctypes.CDLL(path)
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.paged_decode_attention.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
-                                           i32, i32, i32, i32, i32, ctypes.c_float]
-    lib.paged_decode_attention.restype = None
+    lib.paged_attention.argtypes = [ptr, i64, ptr, ptr, ctypes.POINTER(StepBatch), ptr, i32, i32, i32, i32,
+                                    ctypes.c_float]
     lib.linear.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32]
     lib.linear.restype = None
     lib.find_block_codes.argtypes = [ptr, i32, i32, ptr, ptr, ptr]
@@ -88,7 +92,7 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
     lib.greedy_pick.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr]
-    for name in ("rms_norm", "silu_and_mul", "rotary", "write_kv", "greedy_pick"):
+    for name in ("paged_attention", "rms_norm", "silu_and_mul", "rotary", "write_kv", "greedy_pick"):
         getattr(lib, name).restype = None
     return lib
 
@@ -105,20 +109,45 @@ def kernel_supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size
             and block_size <= MAX_BLOCK)
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                           scale: float, block_size: int) -> None:
-    """``out[b]`` = the attention of query ``q[b]`` ([B, H, D], fp32) over the first
-    ``seq_lens[b]`` tokens of sequence b's blocks (``block_tables`` [B, W] int32)."""
-    assert q.dtype == k_cache.dtype == torch.float32 and q.stride(2) == 1 and out.stride(2) == 1
+class StepBatch(ctypes.Structure):
+    """``step_batch`` of ``csrc/layers.c``: where a step's tokens go, as pointers into a
+    ``ForwardBatch``'s tensors (which must outlive it)."""
+
+    _fields_ = [("num_seqs", ctypes.c_int32), ("num_extends", ctypes.c_int32), ("block_tables", ctypes.c_void_p),
+                ("table_stride", ctypes.c_int64), ("seq_lens", ctypes.c_void_p), ("cu_q_lens", ctypes.c_void_p),
+                ("slots", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, batch: ForwardBatch) -> StepBatch:
+        tables, seq_lens, cu_q_lens, slots = batch.block_tables, batch.seq_lens, batch.cu_q_lens, batch.slot_mapping
+        assert tables.dtype == seq_lens.dtype == cu_q_lens.dtype == torch.int32 and tables.stride(1) == 1
+        assert seq_lens.is_contiguous() and cu_q_lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
+        return cls(batch.num_seqs, batch.num_extends, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
+                   cu_q_lens.data_ptr(), slots.data_ptr())
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                    scale: float) -> torch.Tensor:
+    """The attention of every query row of ``q`` ([T, H, D], fp32, rows of heads contiguous) over
+    its sequence's blocks of the pool, causal within the step's new tokens, as [T, H, D]."""
+    assert q.dtype == k_cache.dtype == torch.float32 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert block_tables.dtype == seq_lens.dtype == torch.int32 and block_tables.stride(1) == 1 and seq_lens.is_contiguous()
-    num_seqs, num_heads, head_dim = q.shape
-    load_cpu_kernels().paged_decode_attention(
-        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
-        out.data_ptr(), out.stride(0), out.stride(1),
-        num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, scale)
+    tokens, heads, head_dim = q.shape
+    out = torch.empty(tokens, heads, head_dim)
+    load_cpu_kernels().paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                       ctypes.byref(StepBatch.of(batch)), out.data_ptr(), heads, k_cache.shape[1],
+                                       head_dim, batch.block_size, scale)
+    return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """``k_cache[slots[t]] = k[t]`` and ``v_cache[slots[t]] = v[t]`` for fp32 ``k``, ``v`` [T, KVH, D]
+    whose tokens' rows are contiguous (strided tokens allowed) and int64 ``slots`` [T]."""
+    assert k.dtype == v.dtype == k_cache.dtype == torch.float32 and slots.dtype == torch.int64 and slots.is_contiguous()
+    assert k[0].is_contiguous() and v[0].is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    load_cpu_kernels().write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                                v_cache.data_ptr(), slots.data_ptr(), k.shape[0], k[0].numel())
 
 
 @dataclass(frozen=True)

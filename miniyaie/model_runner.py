@@ -9,7 +9,7 @@ import torch
 from miniyaie.attention import ForwardBatch, create_backend
 from miniyaie.attention.layer import AttentionContext
 from miniyaie.config import EngineConfig
-from miniyaie.cpu_decode import CpuDecodeSteps
+from miniyaie.cpu_forward import CpuForward
 from miniyaie.cpu_linear import use_cpu_linears
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import LlamaFamilyModel, ModelArgs
@@ -98,10 +98,10 @@ class ModelRunner:
             from miniyaie.cuda_graphs import DecodeCUDAGraphs
             self.graphs = DecodeCUDAGraphs(self)
         # -- end CUDA graphs --
-        # decode steps on the CPU as straight calls into the C kernels (miniyaie/cpu_decode.py)
-        self.cpu_decode = None
-        if self.backend.name == "cpu" and CpuDecodeSteps.supports(self.model, self.kv):
-            self.cpu_decode = CpuDecodeSteps(self.model, self.kv)
+        # forward steps on the CPU as one call into the C kernels (miniyaie/cpu_forward.py)
+        self.cpu_forward = None
+        if self.backend.name == "cpu" and CpuForward.supports(self.model, self.kv):
+            self.cpu_forward = CpuForward(self.model, self.kv)
 
     def _num_blocks(self) -> int:
         if self.config.num_blocks is not None:
@@ -122,8 +122,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(batch):  # CUDA graphs: decode-only steps
             return self.graphs.run(batch)
-        if self.cpu_decode is not None and self.cpu_decode.can_run(batch):
-            return self.cpu_decode.run(batch)
+        if self.cpu_forward is not None:
+            return self.cpu_forward.run(batch)
         self.backend.plan(batch)
         ctx = AttentionContext(batch, self.backend, self.kv.k_pool, self.kv.v_pool)
         return self.model(ctx)

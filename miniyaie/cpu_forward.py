@@ -1,15 +1,16 @@
-"""Decode steps on the CPU with no torch in between: one call into the C kernels
-(``miniyaie/csrc/decode_step.c``) runs every layer, on pointers gathered once.
+"""Forward steps on the CPU with no torch in between: one call into the C kernels
+(``miniyaie/csrc/layers.c``) runs every layer, on pointers gathered once.
 
 At decode batch sizes a layer's arithmetic is small, and getting to it cost as much again: module
 calls, views, allocations and the wrappers' checks took ~0.5 ms a layer on the 2-core dev machine,
 as long as the products themselves at one sequence; a Python loop of direct kernel calls still
 took ~1.3 ms a 16-sequence step, while the second core waited. So the loop over layers is in C,
 and Python calls it once a step with the layers' weights and pool pointers (ctypes Structures
-built at start-up) and scratch buffers allocated once per step. It is the CPU's counterpart of the
-CUDA graphs (``miniyaie/cuda_graphs.py``), and like them it computes exactly what the model's
-forward computes on the same kernels (a test compares the two bit for bit); the model's forward
-stays the path for extends and for everything this does not cover.
+built at start-up), the batch's tensors and scratch buffers allocated once per step. Decodes,
+prefill chunks and steps mixing both take it. It is the CPU's counterpart of the CUDA graphs
+(``miniyaie/cuda_graphs.py``), and it computes exactly what the model's forward computes on the
+same kernels (a test compares the two bit for bit); the model's forward stays the path for what
+this does not cover (other dtypes, Qwen3's per-head norms).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.cpu_kernels import kernel_supports, load_cpu_kernels, weight_pointers
+from miniyaie.cpu_kernels import StepBatch, kernel_supports, load_cpu_kernels, weight_pointers
 from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
@@ -28,7 +29,7 @@ _ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 
 
 class _LinearWeights(ctypes.Structure):
-    """decode_step.c's ``linear_weights``: fp32 rows, or else block codes."""
+    """layers.c's ``linear_weights``: fp32 rows, or else block codes."""
 
     _fields_ = [("weight", _ptr), ("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("bias", _ptr),
                 ("out_features", _i32), ("in_features", _i32)]
@@ -40,18 +41,18 @@ class _LinearWeights(ctypes.Structure):
 
 
 class _DecoderLayer(ctypes.Structure):
-    """decode_step.c's ``decoder_layer``: a layer's weights and its part of the K/V pool."""
+    """layers.c's ``decoder_layer``: a layer's weights and its part of the K/V pool."""
 
     _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _LinearWeights), ("o", _LinearWeights),
                 ("gate_up", _LinearWeights), ("down", _LinearWeights), ("k_cache", _ptr), ("v_cache", _ptr)]
 
 
-class _DecodeShape(ctypes.Structure):
+class _StepShape(ctypes.Structure):
     _fields_ = [(name, _i32) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
                                          "block_size")] + [("eps", _f32), ("scale", _f32)]
 
 
-class _DecodeBuffers(ctypes.Structure):
+class _StepBuffers(ctypes.Structure):
     _fields_ = [(name, _ptr) for name in ("normed", "qkv", "rotated", "attn", "out", "gate_up", "act")]
 
 
@@ -60,17 +61,17 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
     return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
-class CpuDecodeSteps:
-    """Runs decode-only steps of ``model`` (fp32, on the CPU, its Linears swapped for ``CpuLinear``s)
+class CpuForward:
+    """Runs forward steps of ``model`` (fp32, on the CPU, its Linears swapped for ``CpuLinear``s)
     over the pool of ``kv``. Holds the layers' weight and pool pointers, not the weights: the model
     and the pool must outlive this (the runner holds all three)."""
 
     def __init__(self, model: LlamaFamilyModel, kv: KVCacheManager) -> None:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
         self.args = model.args
-        self.lib.decode_layers.argtypes = [_ptr, ctypes.POINTER(_DecoderLayer), _i32, ctypes.POINTER(_DecodeShape),
-                                           ctypes.POINTER(_DecodeBuffers), _ptr, _ptr, _ptr, _ptr, ctypes.c_int64, _ptr]
-        self.lib.decode_layers.restype = None
+        self.lib.forward_layers.argtypes = [_ptr, ctypes.POINTER(_DecoderLayer), _i32, ctypes.POINTER(_StepShape),
+                                            ctypes.POINTER(StepBatch), ctypes.POINTER(_StepBuffers), _ptr, _ptr]
+        self.lib.forward_layers.restype = None
         layer_bytes = kv.k_pool[0].numel() * kv.k_pool.element_size()
         self.layers = (_DecoderLayer * len(model.layers))(*(
             _DecoderLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
@@ -81,15 +82,12 @@ class CpuDecodeSteps:
     @staticmethod
     def supports(model: LlamaFamilyModel, kv: KVCacheManager) -> bool:
         """Whether every op of the model's layers has its kernel here: fp32 on the CPU, every Linear
-        on the C kernel (so the kernels compiled), attention within the decode kernel's bounds, no per-head q/k norms (Qwen3)."""
+        on the C kernel (so the kernels compiled), attention within the attention kernels' bounds, no per-head q/k norms (Qwen3)."""
         args = model.args
         linears = [m for layer in model.layers for m in _linears(layer)]
         return (kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32 and kv.k_pool.is_contiguous()
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
                 and all(isinstance(m, CpuLinear) for m in linears))
-
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.num_extends == 0 and batch.num_seqs > 0
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them; writes the new K/V into the pool."""
@@ -99,15 +97,11 @@ class CpuDecodeSteps:
         cos, sin = self.model.rope(batch.positions)
         buffers = [torch.empty(tokens, width) for width in (
             a.hidden_size, (heads + 2 * kv_heads) * head_dim, (heads + kv_heads) * head_dim, heads * head_dim,
-            a.hidden_size, 2 * a.intermediate_size, a.intermediate_size)]  # in _DecodeBuffers' order
-        tables, seq_lens, slots = batch.block_tables, batch.seq_lens, batch.slot_mapping
+            a.hidden_size, 2 * a.intermediate_size, a.intermediate_size)]  # in _StepBuffers' order
         assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-        assert tables.dtype == seq_lens.dtype == torch.int32 and tables.stride(1) == 1 and seq_lens.is_contiguous()
-        assert slots.dtype == torch.int64 and slots.is_contiguous()
-        shape = _DecodeShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
-                             a.rms_norm_eps, head_dim ** -0.5)
-        self.lib.decode_layers(x.data_ptr(), self.layers, len(self.layers), ctypes.byref(shape),
-                               ctypes.byref(_DecodeBuffers(*(b.data_ptr() for b in buffers))),
-                               cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                               tables.data_ptr(), tables.stride(0), seq_lens.data_ptr())
+        shape = _StepShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
+                           a.rms_norm_eps, head_dim ** -0.5)
+        self.lib.forward_layers(x.data_ptr(), self.layers, len(self.layers), ctypes.byref(shape),
+                                ctypes.byref(StepBatch.of(batch)), ctypes.byref(_StepBuffers(*(b.data_ptr() for b in buffers))),
+                                cos.data_ptr(), sin.data_ptr())
         return self.model.lm_head(self.model.norm(x[batch.logits_indices])).float()
