@@ -124,7 +124,7 @@ def test_torch_backend_edge_layouts(seqs):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("block_size", [4, 16, 32])
+@pytest.mark.parametrize("block_size", [2, 4, 16, 32])  # 2: smaller than the extend kernel's key tile
 @pytest.mark.parametrize("gqa", [1, 2, 3, 8])
 @pytest.mark.parametrize("head_dim", [16, 20, 64, 72, 128, 192])  # 20: not a multiple of 8, the torch path
 def test_cpu_backend_matches_dense_reference(block_size, gqa, head_dim):

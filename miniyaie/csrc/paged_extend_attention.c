@@ -34,7 +34,8 @@ static inline v8f splat(float v) { return (v8f){v, v, v, v, v, v, v, v}; }
 /* scores[t] = sum over d of k_t[d] * qt[d] for the n keys of a block (row floats apart), KEYS at a
  * time. A block's last keys are taken KEYS at a time too, reading slots past n (still inside the
  * block, so finite values: the pool starts zeroed) whose scores nobody reads: one key alone would
- * be a chain of dependent multiply-adds, 4x slower a key. */
+ * be a chain of dependent multiply-adds, 4x slower a key. Only blocks smaller than KEYS (1 or 2
+ * tokens) take keys one at a time. */
 static void tile_scores(const float *qt, const float *k_rows, int64_t row, int n, int block_size, int head_dim,
                         float *scores)
 {
@@ -66,11 +67,11 @@ static void tile_scores(const float *qt, const float *k_rows, int64_t row, int n
     }
 }
 
-/* acc[d] += sum over t < n of v_t[d] * p[t], KEYS entries of head_dim at a time in registers. */
+/* acc[d] += sum over t < n of v_t[d] * p[t], KEYS entries of head_dim at a time in registers
+ * (head_dim is a multiple of 8: kernel_supports). */
 static void tile_values(const float *p, const float *v_rows, int64_t row, int n, int head_dim, float *acc)
 {
-    int d = 0;
-    for (; d + KEYS <= head_dim; d += KEYS) {
+    for (int d = 0; d < head_dim; d += KEYS) {
         v8f lo[KEYS], hi[KEYS];
         for (int i = 0; i < KEYS; i++)
             lo[i] = load8(acc + (d + i) * LANES), hi[i] = load8(acc + (d + i) * LANES + 8);
@@ -86,16 +87,6 @@ static void tile_values(const float *p, const float *v_rows, int64_t row, int n,
             store8(acc + (d + i) * LANES, lo[i]);
             store8(acc + (d + i) * LANES + 8, hi[i]);
         }
-    }
-    for (; d < head_dim; d++) {
-        v8f lo = load8(acc + d * LANES), hi = load8(acc + d * LANES + 8);
-        for (int t = 0; t < n; t++) {
-            const v8f value = splat(v_rows[t * row + d]);
-            lo += value * load8(p + t * LANES);
-            hi += value * load8(p + t * LANES + 8);
-        }
-        store8(acc + d * LANES, lo);
-        store8(acc + d * LANES + 8, hi);
     }
 }
 
