@@ -18,6 +18,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     backend's path, planned only when they do."""
 
     name = "cpu"
+    _planned: ForwardBatch | None = None  # the batch the torch backend's plan was made for
 
     def plan(self, batch: ForwardBatch) -> None:
         self._planned = None  # the torch backend's plan, made on first need (most steps never need it)
