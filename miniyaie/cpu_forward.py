@@ -82,10 +82,12 @@ class CpuForward:
     @staticmethod
     def supports(model: LlamaFamilyModel, kv: KVCacheManager) -> bool:
         """Whether every op of the model's layers has its kernel here: fp32 on the CPU, every Linear
-        on the C kernel (so the kernels compiled), attention within the attention kernels' bounds, no per-head q/k norms (Qwen3)."""
+        on the C kernel (so the kernels compiled), attention within the attention kernels' bounds,
+        no per-head q/k norms (Qwen3)."""
         args = model.args
         linears = [m for layer in model.layers for m in _linears(layer)]
-        return (kv.k_pool.device.type == "cpu" and kv.k_pool.dtype == torch.float32 and kv.k_pool.is_contiguous()
+        pool = kv.k_pool
+        return (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.is_contiguous()
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
                 and all(isinstance(m, CpuLinear) for m in linears))
 
@@ -101,7 +103,8 @@ class CpuForward:
         assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
         shape = _StepShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
                            a.rms_norm_eps, head_dim ** -0.5)
+        scratch = _StepBuffers(*(b.data_ptr() for b in buffers))
         self.lib.forward_layers(x.data_ptr(), self.layers, len(self.layers), ctypes.byref(shape),
-                                ctypes.byref(StepBatch.of(batch)), ctypes.byref(_StepBuffers(*(b.data_ptr() for b in buffers))),
+                                ctypes.byref(StepBatch.of(batch)), ctypes.byref(scratch),
                                 cos.data_ptr(), sin.data_ptr())
         return self.model.lm_head(self.model.norm(x[batch.logits_indices])).float()

@@ -121,7 +121,8 @@ class StepBatch(ctypes.Structure):
     def of(cls, batch: ForwardBatch) -> StepBatch:
         tables, seq_lens, cu_q_lens, slots = batch.block_tables, batch.seq_lens, batch.cu_q_lens, batch.slot_mapping
         assert tables.dtype == seq_lens.dtype == cu_q_lens.dtype == torch.int32 and tables.stride(1) == 1
-        assert seq_lens.is_contiguous() and cu_q_lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
+        assert seq_lens.is_contiguous() and cu_q_lens.is_contiguous()
+        assert slots.dtype == torch.int64 and slots.is_contiguous()
         return cls(batch.num_seqs, batch.num_extends, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
                    cu_q_lens.data_ptr(), slots.data_ptr())
 
@@ -228,9 +229,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def greedy_pick(logits: torch.Tensor, num_top: int, want_logprob: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax (NaN when neither
-    ``want_logprob`` nor ``num_top``: then the normaliser is not computed), and the ``num_top`` (<= MAX_TOP) most likely ids with their softmax
-    probabilities, most likely first."""
+    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax, and the
+    ``num_top`` (<= MAX_TOP) most likely ids with their softmax probabilities, most likely first.
+    With neither ``want_logprob`` nor ``num_top`` the normaliser is not computed: log-softmax NaN."""
     assert logits.dtype == torch.float32 and logits.is_contiguous() and 0 <= num_top <= MAX_TOP
     rows, vocab = logits.shape
     token, logprob = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
