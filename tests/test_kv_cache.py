@@ -1,6 +1,9 @@
 """KVCacheManager: allocation, sharing and release keep every block owned by exactly its holders."""
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -33,6 +36,38 @@ def test_pool_starts_zeroed_writable_and_separate(dtype):
         del kv
         k_pool[1, -1] = 1.0
         assert k_pool.sum() == 16 and not v_pool.any()
+
+
+def _mapping_of(address: int) -> tuple[str, list[str]]:
+    """The permissions and smaps fields ("Key: value" lines) of this process's mapping holding ``address``."""
+    found = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            header = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+)", line)
+            if header:
+                if found:
+                    break
+                if int(header[1], 16) <= address < int(header[2], 16):
+                    found = (header[3], [])
+            elif found:
+                found[1].append(line.strip())
+    assert found, f"no mapping holds {address:#x}"
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_cpu_pool_is_private_memory_eligible_for_huge_pages():
+    """A shared anonymous mapping (Python's mmap default) is shared memory, which the kernel backs
+    with huge pages only when told to system-wide: the pool must be a private mapping."""
+    kv = KVCacheManager(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=4096, block_size=16,
+                        dtype=torch.float32, device=torch.device("cpu"))
+    permissions, details = _mapping_of(kv.k_pool.data_ptr())
+    assert permissions == "rw-p", f"pool mapped {permissions}: private and writable expected"
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
+        "/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
+    eligible = [line.split()[1] for line in details if line.startswith("THPeligible:")]
+    if "[never]" not in thp and eligible:  # the field is there on kernels since 4.x
+        assert eligible == ["1"], details
 
 
 def test_the_lowest_free_blocks_go_first():
