@@ -35,9 +35,9 @@ class KVCacheManager:
         self.ref_counts = [0] * num_blocks
         # A min-heap: the lowest free block goes first, so the blocks in use stay packed at the start
         # of each layer's pool. On the CPU that keeps the memory a step touches compact: few fresh
-        # pages to fault in, and few huge pages (see _zeros) for attention's reads to translate —
-        # ~2% of a 16-chat burst on the 2-core dev machine, against handing out blocks in FIFO order,
-        # which spread each burst over pages never touched before.
+        # pages to fault in (~2% of a 16-chat burst on the 2-core dev machine, measured before the
+        # pool got huge pages, against FIFO order, which spread each burst over pages never touched
+        # before), and few huge pages (see _zeros) for attention's reads to translate.
         self._free: list[int] = list(range(num_blocks))
 
     @staticmethod
