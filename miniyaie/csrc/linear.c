@@ -165,7 +165,7 @@ void linear(const float *x, const float *weight, const int8_t *codes, const floa
          * thread finishing first takes the other's last panels. The two vCPUs of the dev machine
          * do not run at one speed (which one lags changes from minute to minute): with halves
          * fixed in advance one thread waited out 0.1-0.3 s of a 4.5 s chat burst at the barrier,
-         * ~0.04 s with guided; the burst 0.964x the time (11 of 12 alternating pairs faster). */
+         * 0.04-0.1 s with guided; the burst 0.964x the time (11 of 12 alternating pairs faster). */
         #pragma omp for schedule(guided)
         for (int p = 0; p < panels; p++) {
             const int j0 = p * NR, rows = n - j0 < NR ? n - j0 : NR;
