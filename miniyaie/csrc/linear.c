@@ -187,7 +187,8 @@ void linear(const float *x, const float *weight, const int8_t *codes, const floa
              * it does not start by waiting on memory: the weights are read in bursts (a panel, then
              * ~1 us of products), which the hardware prefetcher does not run far enough ahead of.
              * 4-9% over SmolLM2's weights at 16-64 rows (session 5's prefetch of whole panels, issued
-             * at once, gained nothing). */
+             * at once, gained nothing). The next panel is this thread's own except at the end of one of
+             * its guided runs, where the fetch serves the other thread or goes unused. */
             const int next_rows = n - j0 - NR < NR ? n - j0 - NR : NR;  /* <= 0 after the last panel */
             const int64_t next_bytes = next_rows > 0 ? (int64_t)next_rows * k * (codes ? 1 : sizeof(float)) : 0;
             const char *next = next_bytes == 0 ? NULL
