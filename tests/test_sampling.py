@@ -63,6 +63,27 @@ def test_greedy_with_penalties_matches_hand_computation():
                         rel_tol=1e-5)
 
 
+STAGE_TENSORS = ("temperatures", "top_ks", "top_ps", "min_ps", "repetition_penalties", "presence_penalties",
+                 "frequency_penalties")
+
+
+@pytest.mark.parametrize("params, built", [
+    (SamplingParams(temperature=0), ()),
+    (SamplingParams(temperature=1.0), ()),
+    (SamplingParams(temperature=0.7), ("temperatures",)),
+    (SamplingParams(temperature=0.7, top_p=0.9), ("temperatures", "top_ks", "top_ps")),
+    (SamplingParams(temperature=0, top_k=5), ("top_ks", "top_ps")),
+    (SamplingParams(temperature=0, min_p=0.1), ("min_ps",)),
+    (SamplingParams(temperature=0, presence_penalty=0.5),
+     ("repetition_penalties", "presence_penalties", "frequency_penalties")),
+])
+def test_a_batch_builds_tensors_only_for_the_stages_it_runs(params: SamplingParams, built: tuple[str, ...]):
+    batch = make_batch([SamplingParams(temperature=0), params])  # a greedy neighbour needs no stage
+    assert {name for name in STAGE_TENSORS if getattr(batch, name) is not None} == set(built)
+    out = SamplingKernel()(torch.randn(2, V), batch)  # and the kernel runs on what there is
+    assert out.token_ids.shape == (2,)
+
+
 # -- penalties ----------------------------------------------------------------------------------
 
 def test_repetition_penalty_matches_transformers():
