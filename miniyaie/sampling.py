@@ -37,9 +37,10 @@ class SamplingBatch:
 
     Disabled filters hold neutral values (``top_k = vocab_size``, ``top_p = 1``, ``min_p = 0``) and
     the ``any_*`` / ``all_greedy`` flags let the kernel skip whole stages; a stage no row uses gets
-    no tensors at all (None): each is a host-to-device copy, and at a CPU decode step the seven cost
-    ~0.3 ms of Python for stages a greedy batch never runs. ``generators[i] is None`` means row
-    ``i`` draws from the kernel's shared generator (unseeded requests).
+    no tensors at all (None): each is a tensor built from a list (and sent to the device), and at a
+    CPU decode step the seven cost ~0.3 ms for stages a greedy batch never runs.
+    ``generators[i] is None`` means row ``i`` draws from the kernel's shared generator (unseeded
+    requests).
     """
 
     temperatures: Optional[Tensor]  # [B] float32, 0 = greedy row; None when all_unit_temperature
