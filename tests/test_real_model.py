@@ -45,6 +45,21 @@ def test_batched_greedy_equals_alone(smollm2, all_threads):
     assert smollm2.runner.kv.num_free_blocks == smollm2.runner.kv.num_blocks
 
 
+def test_a_prompt_in_chunks_answers_as_the_whole_prompt(smollm2, all_threads):
+    """A prompt over the step's token budget is prefilled a chunk a step, and a step that only
+    continues it wants no logits: the head then runs on no rows (the C Linear on codes used to
+    crash there)."""
+    prompt = [{"role": "user", "content": "Explain in two sentences why the sky is blue during the day."}]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    whole = smollm2.generate([prompt], params)[0]
+    chunked = Engine(EngineConfig(model="embedded", device="cpu", dtype="float32", num_blocks=64,
+                                  max_num_batched_tokens=16))
+    out = chunked.generate([prompt], params)[0]
+    assert len(out.prompt_token_ids) > 2 * 16  # three chunks or more
+    assert out.token_ids == whole.token_ids
+    chunked.check_integrity()
+
+
 @needs_cpu_kernel
 def test_decode_reads_the_weights_as_block_codes(smollm2):
     """The embedded checkpoint is Q4_1/Q8_0: every Linear (the tied head too) finds exact codes."""

@@ -149,6 +149,8 @@ static const few_rows_fn few_rows[FEW_ROWS + 1] = {
 void linear(const float *x, const float *weight, const int8_t *codes, const float *scales,
             const float *offsets, const float *bias, float *y, int m, int n, int k)
 {
+    if (m == 0)  /* a step whose rows all continue a prompt's chunk wants no logits */
+        return;
 #ifdef __AVX2__
     if (codes != NULL && m <= FEW_ROWS) {
         few_rows[m](x, codes, scales, offsets, bias, y, n, k);
