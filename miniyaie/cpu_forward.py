@@ -1,13 +1,16 @@
 """Forward steps on the CPU with no torch in between: one call into the C kernels
-(``miniyaie/csrc/layers.c``) runs every layer, on pointers gathered once.
+(``miniyaie/csrc/layers.c``) runs the whole step — the embedding, every layer, the final norm and
+the head — on pointers gathered once.
 
 At decode batch sizes a layer's arithmetic is small, and getting to it cost as much again: module
 calls, views, allocations and the wrappers' checks took ~0.5 ms a layer on the 2-core dev machine,
 as long as the products themselves at one sequence; a Python loop of direct kernel calls still
 took ~1.3 ms a 16-sequence step, while the second core waited. So the loop over layers is in C,
-and Python calls it once a step with the layers' weights and pool pointers (ctypes Structures
-built at start-up), the batch's tensors and scratch buffers allocated once per step. Decodes,
-prefill chunks and steps mixing both take it. It is the CPU's counterpart of the CUDA graphs
+and so are the few ops around it (the embedding lookup, the rotary rows, the final norm of the rows
+that want logits: ~0.85 ms a step as torch ops, run cold after the weights have streamed through
+the caches). Python calls it once a step with the model's weight and pool pointers (ctypes
+Structures built at start-up), the batch's tensors and one scratch allocation. Decodes, prefill
+chunks and steps mixing both take it. It is the CPU's counterpart of the CUDA graphs
 (``miniyaie/cuda_graphs.py``), and it computes exactly what the model's forward computes on the
 same kernels (a test compares the two bit for bit); the model's forward stays the path for what
 this does not cover (other dtypes, Qwen3's per-head norms).
@@ -15,6 +18,7 @@ this does not cover (other dtypes, Qwen3's per-head norms).
 from __future__ import annotations
 
 import ctypes
+import itertools
 
 import torch
 from torch import nn
@@ -47,13 +51,20 @@ class _DecoderLayer(ctypes.Structure):
                 ("gate_up", _LinearWeights), ("down", _LinearWeights), ("k_cache", _ptr), ("v_cache", _ptr)]
 
 
+class _ModelEnds(ctypes.Structure):
+    """layers.c's ``model_ends``: what a step reads besides its layers."""
+
+    _fields_ = [("embedding", _ptr), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("head", _LinearWeights)]
+
+
 class _StepShape(ctypes.Structure):
     _fields_ = [(name, _i32) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
                                          "block_size")] + [("eps", _f32), ("scale", _f32)]
 
 
 class _StepBuffers(ctypes.Structure):
-    _fields_ = [(name, _ptr) for name in ("normed", "qkv", "rotated", "attn", "out", "gate_up", "act")]
+    _fields_ = [(name, _ptr) for name in ("x", "cos", "sin", "normed", "qkv", "rotated", "attn", "out", "gate_up",
+                                         "act", "final")]
 
 
 def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
@@ -63,48 +74,55 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 
 class CpuForward:
     """Runs forward steps of ``model`` (fp32, on the CPU, its Linears swapped for ``CpuLinear``s)
-    over the pool of ``kv``. Holds the layers' weight and pool pointers, not the weights: the model
+    over the pool of ``kv``. Holds the model's weight and pool pointers, not the weights: the model
     and the pool must outlive this (the runner holds all three)."""
 
     def __init__(self, model: LlamaFamilyModel, kv: KVCacheManager) -> None:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
         self.args = model.args
-        self.lib.forward_layers.argtypes = [_ptr, ctypes.POINTER(_DecoderLayer), _i32, ctypes.POINTER(_StepShape),
-                                            ctypes.POINTER(StepBatch), ctypes.POINTER(_StepBuffers), _ptr, _ptr]
-        self.lib.forward_layers.restype = None
+        self.lib.forward_step.argtypes = [ctypes.POINTER(_ModelEnds), ctypes.POINTER(_DecoderLayer), _i32,
+                                          ctypes.POINTER(_StepShape), ctypes.POINTER(StepBatch),
+                                          ctypes.POINTER(_StepBuffers), _ptr]
+        self.lib.forward_step.restype = None
         layer_bytes = kv.k_pool[0].numel() * kv.k_pool.element_size()
         self.layers = (_DecoderLayer * len(model.layers))(*(
             _DecoderLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                           *map(_LinearWeights.of, _linears(layer)),
                           kv.k_pool.data_ptr() + i * layer_bytes, kv.v_pool.data_ptr() + i * layer_bytes)
             for i, layer in enumerate(model.layers)))
+        # positions index the rotary tables unchecked: the engine keeps them below max_model_len, at
+        # most the tables' length; token ids are checked against the vocabulary when requests arrive
+        self.ends = _ModelEnds(model.embed_tokens.weight.data_ptr(), model.rope.cos.data_ptr(),
+                               model.rope.sin.data_ptr(), model.norm.weight.data_ptr(), _LinearWeights.of(model.lm_head))
 
     @staticmethod
     def supports(model: LlamaFamilyModel, kv: KVCacheManager) -> bool:
-        """Whether every op of the model's layers has its kernel here: fp32 on the CPU, every Linear
-        on the C kernel (so the kernels compiled), attention within the attention kernels' bounds,
-        no per-head q/k norms (Qwen3)."""
+        """Whether every op of the model's step has its kernel here: fp32 on the CPU, every Linear
+        (the head too) on the C kernel (so the kernels compiled), attention within the attention
+        kernels' bounds, no per-head q/k norms (Qwen3)."""
         args = model.args
-        linears = [m for layer in model.layers for m in _linears(layer)]
+        linears = [m for layer in model.layers for m in _linears(layer)] + [model.lm_head]
         pool = kv.k_pool
         return (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.is_contiguous()
                 and not args.qk_norm and kernel_supports(args.num_heads, args.num_kv_heads, args.head_dim, kv.block_size)
-                and all(isinstance(m, CpuLinear) for m in linears))
+                and all(isinstance(m, CpuLinear) for m in linears)
+                and all(t.dtype == torch.float32 and t.is_contiguous()
+                        for t in (model.embed_tokens.weight, model.rope.cos, model.rope.sin, model.norm.weight)))
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them; writes the new K/V into the pool."""
-        a, tokens = self.args, batch.num_tokens
+        a, tokens, rows = self.args, batch.num_tokens, batch.logits_indices.numel()
         heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        x = self.model.embed_tokens(batch.input_ids)  # the residual stream, updated in place
-        cos, sin = self.model.rope(batch.positions)
-        buffers = [torch.empty(tokens, width) for width in (
-            a.hidden_size, (heads + 2 * kv_heads) * head_dim, (heads + kv_heads) * head_dim, heads * head_dim,
-            a.hidden_size, 2 * a.intermediate_size, a.intermediate_size)]  # in _StepBuffers' order
-        assert x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+        widths = (a.hidden_size, head_dim, head_dim, a.hidden_size, (heads + 2 * kv_heads) * head_dim,
+                  (heads + kv_heads) * head_dim, heads * head_dim, a.hidden_size, 2 * a.intermediate_size,
+                  a.intermediate_size)  # per token, in _StepBuffers' order; then the rows wanting logits
+        sizes = [tokens * width for width in widths] + [rows * a.hidden_size]
+        scratch = torch.empty(sum(sizes))
+        base, item = scratch.data_ptr(), scratch.element_size()
+        buffers = _StepBuffers(*(base + item * start for start in itertools.accumulate(sizes[:-1], initial=0)))
         shape = _StepShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
                            a.rms_norm_eps, head_dim ** -0.5)
-        scratch = _StepBuffers(*(b.data_ptr() for b in buffers))
-        self.lib.forward_layers(x.data_ptr(), self.layers, len(self.layers), ctypes.byref(shape),
-                                ctypes.byref(StepBatch.of(batch)), ctypes.byref(scratch),
-                                cos.data_ptr(), sin.data_ptr())
-        return self.model.lm_head(self.model.norm(x[batch.logits_indices])).float()
+        logits = torch.empty(rows, self.model.lm_head.out_features)
+        self.lib.forward_step(ctypes.byref(self.ends), self.layers, len(self.layers), ctypes.byref(shape),
+                              ctypes.byref(StepBatch.of(batch)), ctypes.byref(buffers), logits.data_ptr())
+        return logits

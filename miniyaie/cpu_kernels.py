@@ -9,8 +9,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
-- ``forward_layers``: a step's layers in one call, stringing the kernels above together
-  (``miniyaie/cpu_forward.py``).
+- ``forward_step``: a whole forward step in one call (embedding, layers, final norm, head),
+  stringing the kernels above together (``miniyaie/cpu_forward.py``).
 
 Compiling takes a few seconds and happens once per machine: the library is cached under the
 model cache (``$MINIYAIE_CACHE/kernels``), named by a hash of the sources, the flags, the compiler
@@ -115,16 +115,18 @@ class StepBatch(ctypes.Structure):
 
     _fields_ = [("num_seqs", ctypes.c_int32), ("num_extends", ctypes.c_int32), ("block_tables", ctypes.c_void_p),
                 ("table_stride", ctypes.c_int64), ("seq_lens", ctypes.c_void_p), ("cu_q_lens", ctypes.c_void_p),
-                ("slots", ctypes.c_void_p)]
+                ("slots", ctypes.c_void_p), ("input_ids", ctypes.c_void_p), ("positions", ctypes.c_void_p),
+                ("logits_indices", ctypes.c_void_p), ("num_logits", ctypes.c_int32)]
 
     @classmethod
     def of(cls, batch: ForwardBatch) -> StepBatch:
-        tables, seq_lens, cu_q_lens, slots = batch.block_tables, batch.seq_lens, batch.cu_q_lens, batch.slot_mapping
+        tables, seq_lens, cu_q_lens = batch.block_tables, batch.seq_lens, batch.cu_q_lens
         assert tables.dtype == seq_lens.dtype == cu_q_lens.dtype == torch.int32 and tables.stride(1) == 1
         assert seq_lens.is_contiguous() and cu_q_lens.is_contiguous()
-        assert slots.dtype == torch.int64 and slots.is_contiguous()
+        per_token = (batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
+        assert all(t.dtype == torch.int64 and t.is_contiguous() for t in per_token)
         return cls(batch.num_seqs, batch.num_extends, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
-                   cu_q_lens.data_ptr(), slots.data_ptr())
+                   cu_q_lens.data_ptr(), *(t.data_ptr() for t in per_token), batch.logits_indices.numel())
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

@@ -1,15 +1,19 @@
-/* The layers of a forward step on the CPU, fp32, in one call: for each layer RMSNorm, the fused
- * QKV product, the rotary embedding, the new K/V into the paged pool, attention over the pool, the
- * output product and the residual add, then RMSNorm, the gate/up product, SiLU-and-multiply, the
- * down product and the residual add. Each op is the kernel the model's forward calls (so the result
- * is the forward's, bit for bit); this file only strings them together.
+/* A forward step on the CPU, fp32, in one call: the tokens' embeddings and rotary rows, then for
+ * each layer RMSNorm, the fused QKV product, the rotary embedding, the new K/V into the paged pool,
+ * attention over the pool, the output product and the residual add, then RMSNorm, the gate/up
+ * product, SiLU-and-multiply, the down product and the residual add; last the final RMSNorm of the
+ * rows that want logits and the head. Each op is the kernel the model's forward calls (so the
+ * result is the forward's, bit for bit); this file only strings them together.
  *
  * Called once per step from Python (miniyaie/cpu_forward.py) instead of once per op: at decode
  * batch sizes the Python between ~12 kernel calls a layer cost ~1.3 ms of a 16-sequence step on
- * the 2-core dev machine, and while it ran the second core only waited. The structs mirror
- * ctypes Structures in cpu_forward.py field for field.
+ * the 2-core dev machine, and while it ran the second core only waited. The embedding, the rotary
+ * lookup and the final norm around the layers cost another ~0.85 ms a step as torch ops and
+ * wrapper calls (a step has just streamed the weights through the caches, so the interpreter runs
+ * cold). The structs mirror ctypes Structures in cpu_forward.py field for field.
  */
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -26,6 +30,13 @@ typedef struct {
     float *k_cache, *v_cache;             /* the layer's part of the paged pool: [slots, kv_heads, head_dim] */
 } decoder_layer;
 
+typedef struct {  /* what a step reads besides its layers */
+    const float *embedding;               /* [vocab, hidden] */
+    const float *cos, *sin;               /* rotary tables [positions, head_dim], RotaryEmbedding's layout */
+    const float *final_norm;              /* RMSNorm weight */
+    linear_weights head;
+} model_ends;
+
 typedef struct {
     int32_t tokens, hidden, heads, kv_heads, head_dim, intermediate, block_size;
     float eps, scale;
@@ -37,10 +48,13 @@ typedef struct {  /* where the step's tokens go: ForwardBatch's tensors */
     int64_t table_stride;
     const int32_t *seq_lens, *cu_q_lens;  /* [num_seqs]: tokens after the step; [num_seqs + 1]: row offsets */
     const int64_t *slots;                 /* [tokens]: the pool slot of each new token's K/V */
+    const int64_t *input_ids, *positions; /* [tokens]: in the vocabulary and the rotary tables (the engine checks) */
+    const int64_t *logits_indices;        /* [num_logits]: the rows whose logits the step returns */
+    int32_t num_logits;
 } step_batch;
 
-typedef struct {  /* per-step scratch, rows = tokens; reused by every layer */
-    float *normed, *qkv, *rotated, *attn, *out, *gate_up, *act;
+typedef struct {  /* per-step scratch, rows = tokens (final: num_logits); reused by every layer */
+    float *x, *cos, *sin, *normed, *qkv, *rotated, *attn, *out, *gate_up, *act, *final;
 } step_buffers;
 
 static void run_linear(const float *x, const linear_weights *w, float *y, int rows)
@@ -74,11 +88,13 @@ void paged_attention(const float *q, int64_t q_row_stride, const float *k_cache,
                                head_dim, batch->num_seqs - extends, heads, kv_heads, head_dim, block_size, scale);
 }
 
-/* x [tokens, hidden] is the residual stream after the embedding; on return it is the last layer's
- * output. cos/sin are the rotary tables' rows for the tokens' positions. */
-void forward_layers(float *x, const decoder_layer *layers, int num_layers, const step_shape *s,
-                    const step_batch *batch, const step_buffers *b, const float *cos, const float *sin)
+/* b->x [tokens, hidden] is the residual stream after the embedding; on return it is the last
+ * layer's output. b->cos / b->sin hold the rotary tables' rows for the tokens' positions. */
+static void run_layers(const decoder_layer *layers, int num_layers, const step_shape *s,
+                       const step_batch *batch, const step_buffers *b)
 {
+    float *x = b->x;
+    const float *cos = b->cos, *sin = b->sin;
     const int rows = s->tokens, qk_heads = s->heads + s->kv_heads;
     const int64_t qkv_width = (int64_t)(s->heads + 2 * s->kv_heads) * s->head_dim;
     const int64_t q_width = (int64_t)s->heads * s->head_dim, rotated_width = (int64_t)qk_heads * s->head_dim;
@@ -99,4 +115,22 @@ void forward_layers(float *x, const decoder_layer *layers, int num_layers, const
         run_linear(b->act, &l->down, b->out, rows);
         add_into(x, b->out, (int64_t)rows * s->hidden);
     }
+}
+
+/* logits [num_logits, vocab] for the rows batch->logits_indices name, as the model's forward
+ * computes them; writes the step's K/V into the pool. */
+void forward_step(const model_ends *m, const decoder_layer *layers, int num_layers, const step_shape *s,
+                  const step_batch *batch, const step_buffers *b, float *logits)
+{
+    const int hidden = s->hidden, head_dim = s->head_dim;
+    for (int t = 0; t < s->tokens; t++) {
+        memcpy(b->x + (int64_t)t * hidden, m->embedding + batch->input_ids[t] * hidden, sizeof(float) * hidden);
+        memcpy(b->cos + (int64_t)t * head_dim, m->cos + batch->positions[t] * head_dim, sizeof(float) * head_dim);
+        memcpy(b->sin + (int64_t)t * head_dim, m->sin + batch->positions[t] * head_dim, sizeof(float) * head_dim);
+    }
+    run_layers(layers, num_layers, s, batch, b);
+    for (int i = 0; i < batch->num_logits; i++)
+        memcpy(b->final + (int64_t)i * hidden, b->x + batch->logits_indices[i] * hidden, sizeof(float) * hidden);
+    rms_norm(b->final, hidden, m->final_norm, b->final, batch->num_logits, hidden, s->eps);  /* row by row: in place is safe */
+    run_linear(b->final, &m->head, logits, batch->num_logits);
 }
