@@ -8,7 +8,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
   fp32 weights or on their exact block codes (``find_block_codes``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
-- ``greedy_pick``: greedy decoding's token and reported distribution (``miniyaie/sampling.py``).
+- ``sample_rows``: the sampling pipeline — temperature, top-k, top-p, min-p, the token, its
+  log-probability and the most likely alternatives (``miniyaie/sampling.py``).
 - ``forward_step``: a whole forward step in one call (embedding, layers, final norm, head),
   stringing the kernels above together (``miniyaie/cpu_forward.py``).
 
@@ -41,7 +42,7 @@ SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.c"))
 HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_*_attention.c)
-MAX_TOP = 64  # the most alternatives greedy_pick reports (greedy.c)
+MAX_TOP = 64  # the most alternatives sample_rows reports (sampling.c)
 BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
 
 
@@ -91,8 +92,8 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
-    lib.greedy_pick.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr]
-    for name in ("paged_attention", "rms_norm", "silu_and_mul", "rotary", "write_kv", "greedy_pick"):
+    lib.sample_rows.argtypes = [ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, ptr]
+    for name in ("paged_attention", "rms_norm", "silu_and_mul", "rotary", "write_kv", "sample_rows"):
         getattr(lib, name).restype = None
     return lib
 
@@ -229,15 +230,26 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out
 
 
-def greedy_pick(logits: torch.Tensor, num_top: int, want_logprob: bool = True
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor | None, top_ks: torch.Tensor | None,
+                top_ps: torch.Tensor | None, min_ps: torch.Tensor | None, greedy: list[bool],
+                uniforms: torch.Tensor | None, num_top: int, want_logprob: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For contiguous fp32 ``logits`` [B, V]: the argmax of each row, its log-softmax, and the
-    ``num_top`` (<= MAX_TOP) most likely ids with their softmax probabilities, most likely first.
-    With neither ``want_logprob`` nor ``num_top`` the normaliser is not computed: log-softmax NaN."""
+    """``SamplingKernel``'s pipeline after the penalties, for contiguous fp32 ``logits`` [B, V]: per
+    row the token, its log-probability and the ``num_top`` (<= MAX_TOP) most likely ids with their
+    probabilities, most likely first, under the processed distribution. Parameters are per row
+    (float32, top_ks int64); None means the stage is off for every row. ``uniforms`` (float64) are
+    read for sampled rows only. A greedy row nobody asked a log-probability or alternatives of gets
+    NaN: its normaliser is skipped."""
     assert logits.dtype == torch.float32 and logits.is_contiguous() and 0 <= num_top <= MAX_TOP
     rows, vocab = logits.shape
+    for values, dtype in ((temperatures, torch.float32), (top_ks, torch.int64), (top_ps, torch.float32),
+                          (min_ps, torch.float32), (uniforms, torch.float64)):
+        assert values is None or (values.dtype == dtype and values.is_contiguous() and values.shape == (rows,))
+    flags = bytes(greedy)  # one byte a row, 1 = greedy
     token, logprob = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     top_ids, top_probs = torch.empty(rows, num_top, dtype=torch.int64), torch.empty(rows, num_top)
-    load_cpu_kernels().greedy_pick(logits.data_ptr(), rows, vocab, num_top, int(want_logprob), token.data_ptr(),
+    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    load_cpu_kernels().sample_rows(logits.data_ptr(), rows, vocab, *map(pointer, (temperatures, top_ks, top_ps, min_ps)),
+                                   flags, pointer(uniforms), num_top, int(want_logprob), token.data_ptr(),
                                    logprob.data_ptr(), top_ids.data_ptr(), top_probs.data_ptr())
     return token, logprob, top_ids, top_probs

@@ -1,0 +1,212 @@
+/* The sampling pipeline on the CPU, fp32 logits [rows, vocab], a row at a time: temperature, top-k,
+ * top-p, min-p, then the token (greedy: the argmax; sampled: inverse-CDF over the kept tokens in
+ * vocabulary order, with the row's one uniform), its log-probability and the most likely entries of
+ * the processed distribution. The same pipeline and rules as SamplingKernel's torch stages
+ * (miniyaie/sampling.py), which stay the reference and the path on other devices.
+ *
+ * torch needs ~20 [B, V] passes for it (a division, a top-k, a scatter into a full -inf row, a
+ * log-softmax, an exp, a float64 copy and cumsum, another top-k): ~9.5 ms a step for 16 rows of
+ * SmolLM2's 49,152 logits with the demo's temperature 0.7 / top-k 40 / top-p 0.95 on the 2-core dev
+ * machine, a sixth of the step. Here a row is one pass over the logits that keeps its best entries
+ * in a short sorted list; top-k and top-p cut that list, so the kept tokens (and their softmax) come
+ * from it without touching the rest of the row again. Only rows whose kept set is not a cut of a
+ * short list go over the row again: no top-k and no top-p (every token, or those min-p keeps), and
+ * top-p without top-k where the 64 best do not reach p (a full sort, then a cut).
+ *
+ * The sorted order puts larger values first and, among equal values, the smaller id (argmax's
+ * tie rule). No infinities are used (fast-math assumes none): the maximum starts at -FLT_MAX.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_TOP 64     /* the most alternatives reported (cpu_kernels.MAX_TOP) */
+#define FIRST_TRY 64   /* top-p without top-k first looks for its cut among this many best */
+
+typedef struct {
+    float z;  /* the temperature-scaled logit */
+    int32_t id;
+} entry;
+
+/* Offer (z, id) to list[0:*n], sorted, at most cap long. Ids arrive in increasing order, so an
+ * equal value never goes ahead of one already there. */
+static void offer(entry *list, int *n, int cap, float z, int32_t id)
+{
+    if (*n == cap && z <= list[cap - 1].z)
+        return;
+    int j = *n < cap ? (*n)++ : cap - 1;
+    for (; j > 0 && z > list[j - 1].z; j--)
+        list[j] = list[j - 1];
+    list[j] = (entry){z, id};
+}
+
+static int by_rank(const void *a, const void *b)
+{
+    const entry *x = a, *y = b;
+    return x->z > y->z ? -1 : x->z < y->z ? 1 : (x->id > y->id) - (x->id < y->id);
+}
+
+static int by_id(const void *a, const void *b)
+{
+    return (((const entry *)a)->id > ((const entry *)b)->id) - (((const entry *)a)->id < ((const entry *)b)->id);
+}
+
+/* How many of the sorted list's first entries top-p keeps: a position stays while the softmax mass
+ * strictly before it (over the first `over` entries, or over `norm` when given) is < p. Returns -1
+ * when the list ends before the mass reaches p (the cut lies past it). */
+static int top_p_cut(const entry *list, int n, int over, double norm, float p)
+{
+    const float peak = list[0].z;
+    if (norm <= 0.0)
+        for (int j = 0; j < over; j++)
+            norm += expf(list[j].z - peak);
+    float mass = 0.0f;
+    for (int j = 0; j < n && j < over; j++) {
+        const float prob = (float)(expf(list[j].z - peak) / norm);
+        mass += prob;
+        if (mass - prob >= p)  /* torch's cumsum - probs: the mass before position j */
+            return j;
+    }
+    return n >= over ? over : -1;
+}
+
+/* x / t as torch divides (t == 1: x itself). */
+static inline float scale(float x, float t)
+{
+    return t == 1.0f ? x : x / t;
+}
+
+/* One row: see the file's comment. temperature 0 (greedy) reports the distribution at 1. */
+static void sample_row(const float *x, int vocab, float temperature, int64_t top_k, float top_p, float min_p,
+                       int greedy, double u, int top, int want_logprob, float *scratch,
+                       int64_t *token, float *logprob, int64_t *top_ids, float *top_probs)
+{
+    const float t = temperature > 0.0f ? temperature : 1.0f;
+    float peak = -FLT_MAX;
+    for (int i = 0; i < vocab; i++)  /* a plain reduction: vectorised */
+        peak = fmaxf(peak, scale(x[i], t));
+    int64_t best = 0;
+    while (scale(x[best], t) != peak)
+        best++;
+    *token = best;  /* the argmax (its first index): filters never remove it */
+    *logprob = NAN;
+    if (greedy && !want_logprob && top == 0)
+        return;
+
+    const int cut_k = top_k < vocab, cut_p = top_p < 1.0f;
+    int cap = cut_k ? (int)top_k : cut_p ? FIRST_TRY : 0;
+    cap = cap < top ? top : cap;
+    cap = cap > vocab ? vocab : cap;
+    entry small[FIRST_TRY > MAX_TOP ? FIRST_TRY : MAX_TOP];
+    entry *list = cap <= (int)(sizeof small / sizeof small[0]) ? small : malloc(sizeof(entry) * cap);
+    int n = 0;
+    for (int i = 0; cap > 0 && i < vocab; i++)  /* the row's best, sorted: after a few hundred, few enter */
+        offer(list, &n, cap, scale(x[i], t), i);
+
+    /* the kept tokens: the first `keep` of the sorted order (keep < 0: all), then min-p's floor */
+    int keep = cut_k ? (int)top_k : -1;
+    entry *sorted = list;
+    if (cut_p) {
+        double norm = 0.0;
+        if (!cut_k)  /* the softmax top-p cuts is over the whole row */
+            for (int i = 0; i < vocab; i++)
+                norm += expf(scale(x[i], t) - peak);
+        keep = top_p_cut(list, n, cut_k ? (int)top_k : vocab, norm, top_p);
+        if (keep < 0) {  /* past the first FIRST_TRY: sort the whole row */
+            sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
+            for (int i = 0; i < vocab; i++)
+                sorted[i] = (entry){scale(x[i], t), i};
+            qsort(sorted, vocab, sizeof(entry), by_rank);
+            keep = top_p_cut(sorted, vocab, vocab, norm, top_p);
+        }
+    }
+    const float floor = min_p > 0.0f ? peak + logf(min_p) : -FLT_MAX;
+
+    float log_norm;
+    if (keep >= 0) {  /* a cut of the sorted order: min-p shortens it further (values fall along it) */
+        while (keep > 1 && sorted[keep - 1].z < floor)
+            keep--;
+        double sum = 0.0;  /* in float64: a float32 sum of ~10^4 terms drifts by ~10^-5 */
+        for (int j = 0; j < keep; j++)
+            sum += expf(sorted[j].z - peak);
+        log_norm = (float)log(sum);
+        if (!greedy) {  /* inverse CDF in vocabulary order over the kept entries */
+            entry *kept = malloc(sizeof(entry) * keep);
+            memcpy(kept, sorted, sizeof(entry) * keep);
+            qsort(kept, keep, sizeof(entry), by_id);
+            double total = 0.0;
+            for (int j = 0; j < keep; j++)
+                total += (double)expf((kept[j].z - peak) - log_norm);
+            const double target = fmin(u * total, nextafter(total, 0.0));
+            double cdf = 0.0;
+            int j = 0;
+            for (; j < keep - 1; j++) {
+                cdf += (double)expf((kept[j].z - peak) - log_norm);
+                if (cdf > target)
+                    break;
+            }
+            *token = kept[j].id;
+            free(kept);
+        }
+    } else {  /* every token that reaches min-p's floor: more passes over the row */
+        double sum = 0.0;
+        for (int i = 0; i < vocab; i++) {
+            const float z = scale(x[i], t);
+            sum += z >= floor ? expf(z - peak) : 0.0f;
+        }
+        log_norm = (float)log(sum);
+        if (!greedy) {  /* inverse CDF in vocabulary order */
+            double total = 0.0;
+            for (int i = 0; i < vocab; i++) {
+                const float z = scale(x[i], t);
+                scratch[i] = z >= floor ? expf((z - peak) - log_norm) : 0.0f;
+                total += (double)scratch[i];
+            }
+            const double target = fmin(u * total, nextafter(total, 0.0));
+            double cdf = 0.0;
+            int i = 0;
+            for (; i < vocab - 1; i++) {
+                cdf += (double)scratch[i];
+                if (cdf > target)
+                    break;
+            }
+            *token = i;
+        }
+        keep = n;  /* the listed entries are kept, but for min-p's floor (below) */
+    }
+    *logprob = (scale(x[*token], t) - peak) - log_norm;
+    for (int j = 0; j < top; j++) {  /* the sorted order's first entries; those not kept have probability 0 */
+        top_ids[j] = sorted[j].id;
+        top_probs[j] = j < keep && sorted[j].z >= floor ? expf((sorted[j].z - peak) - log_norm) : 0.0f;
+    }
+    if (sorted != list)
+        free(sorted);
+    if (list != small)
+        free(list);
+}
+
+/* Per row: temperatures (NULL: 1), top_ks (NULL: none; >= vocab: none), top_ps (NULL: 1), min_ps
+ * (NULL: 0), greedy flags, uniforms in [0, 1) (read for sampled rows only). logprob is NaN where
+ * neither it (want_logprob) nor alternatives (top) are asked for and the row is greedy. */
+void sample_rows(const float *logits, int rows, int vocab, const float *temperatures, const int64_t *top_ks,
+                 const float *top_ps, const float *min_ps, const uint8_t *greedy, const double *uniforms,
+                 int top, int want_logprob, int64_t *token, float *logprob, int64_t *top_ids, float *top_probs)
+{
+    #pragma omp parallel
+    {
+        float *scratch = NULL;  /* a row's probabilities, for rows kept whole */
+        #pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const int64_t k = top_ks ? top_ks[r] : vocab;
+            const float p = top_ps ? top_ps[r] : 1.0f, mp = min_ps ? min_ps[r] : 0.0f;
+            if (scratch == NULL && !greedy[r] && k >= vocab && p >= 1.0f)
+                scratch = malloc(sizeof(float) * (size_t)(unsigned)vocab);
+            sample_row(logits + (int64_t)r * vocab, vocab, temperatures ? temperatures[r] : 1.0f, k, p, mp,
+                       greedy[r], uniforms ? uniforms[r] : 0.0, top, want_logprob, scratch,
+                       token + r, logprob + r, top_ids + (int64_t)r * top, top_probs + (int64_t)r * top);
+        }
+        free(scratch);
+    }
+}
