@@ -135,7 +135,9 @@ class SamplingKernel:
     rows consume no randomness. Cost per step: a few O(B*V) elementwise passes; a sort only of the
     rows using top-k/top-p (a partial ``topk`` when all of them have a top-k); penalties touch only
     the seen tokens; a Python loop over rows (not vocab) draws the uniforms. Runs on whatever
-    device the logits live on; use :meth:`make_generator` (host generators) for seeded requests.
+    device the logits live on; on the CPU, where the C kernels compiled, the stages after the
+    penalties are one C pass a row (``csrc/sampling.c``, the same rules; the torch stages are its
+    reference). Use :meth:`make_generator` (host generators) for seeded requests.
     """
 
     def __init__(self, seed: int = 0, device: Union[str, torch.device] = "cpu") -> None:
