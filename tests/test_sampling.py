@@ -359,3 +359,15 @@ def test_a_greedy_row_nobody_asked_about_skips_the_normaliser():
     token, logprob, top_ids, _ = cpu_kernels.sample_rows(logits, None, None, None, None, [True] * 4, None, 0,
                                                          want_logprob=False)
     assert torch.equal(token, logits.argmax(dim=-1)) and logprob.isnan().all() and top_ids.shape == (4, 0)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("vocab", [5, 1000, 1003])
+def test_a_row_of_nans_still_gets_a_token_in_range(vocab):
+    """A broken model's NaN logits make no distribution, but the C pipeline still answers with ids
+    the detokenizer can read (fast-math's comparisons find no maximum in them)."""
+    logits = torch.full((3, vocab), float("nan"))
+    logits[2, :vocab // 2] = 0.0  # half NaN
+    token, _, top_ids, _ = cpu_kernels.sample_rows(logits, None, torch.tensor([vocab, 3, 4]), None, None,
+                                                   [True, False, False], torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64), 3)
+    assert ((0 <= token) & (token < vocab)).all() and ((0 <= top_ids) & (top_ids < vocab)).all()

@@ -98,7 +98,8 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
         if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + best), _mm256_set1_ps(peak_logit), _CMP_EQ_OQ)))
             break;
 #endif
-    while (x[best] != peak_logit)
+    best = best < vocab ? best : vocab - 1;  /* a row of NaNs has no maximum: any token, in range */
+    while (best < vocab - 1 && x[best] != peak_logit)
         best++;
     const float peak = scale(peak_logit, t);
     *token = best;  /* the argmax (its first index): filters never remove it */
@@ -131,8 +132,17 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
         list[j].z = scale(list[j].z, t);
 
     /* the kept tokens: the first `keep` of the sorted order (keep < 0: all), then min-p's floor */
+    if (cap > 0 && n == 0) {  /* nothing beat -FLT_MAX: a row of NaNs; report no distribution */
+        for (int j = 0; j < top; j++)
+            top_ids[j] = j, top_probs[j] = 0.0f;
+        if (list != small)
+            free(list);
+        return;
+    }
+
     int keep = cut_k ? (int)top_k : -1;
     entry *sorted = list;
+    int listed = n;  /* entries in sorted: fewer than cap only in a row with NaNs */
     if (cut_p) {
         double norm = 0.0;
         if (!cut_k)  /* the softmax top-p cuts is over the whole row */
@@ -144,6 +154,7 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
             for (int i = 0; i < vocab; i++)
                 sorted[i] = (entry){scale(x[i], t), i};
             qsort(sorted, vocab, sizeof(entry), by_rank);
+            listed = vocab;
             keep = top_p_cut(sorted, vocab, vocab, norm, top_p);
         }
     }
@@ -151,6 +162,7 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
 
     float log_norm;
     if (keep >= 0) {  /* a cut of the sorted order: min-p shortens it further (values fall along it) */
+        keep = keep < listed ? keep : listed;
         while (keep > 1 && sorted[keep - 1].z < floor)
             keep--;
         double sum = 0.0;  /* in float64: a float32 sum of ~10^4 terms drifts by ~10^-5 */
@@ -203,8 +215,8 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
     }
     *logprob = (scale(x[*token], t) - peak) - log_norm;
     for (int j = 0; j < top; j++) {  /* the sorted order's first entries; those not kept have probability 0 */
-        top_ids[j] = sorted[j].id;
-        top_probs[j] = j < keep && sorted[j].z >= floor ? expf((sorted[j].z - peak) - log_norm) : 0.0f;
+        top_ids[j] = j < listed ? sorted[j].id : j;
+        top_probs[j] = j < listed && j < keep && sorted[j].z >= floor ? expf((sorted[j].z - peak) - log_norm) : 0.0f;
     }
     if (sorted != list)
         free(sorted);
