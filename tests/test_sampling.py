@@ -366,8 +366,9 @@ def test_a_greedy_row_nobody_asked_about_skips_the_normaliser():
 def test_a_row_of_nans_still_gets_a_token_in_range(vocab):
     """A broken model's NaN logits make no distribution, but the C pipeline still answers with ids
     the detokenizer can read (fast-math's comparisons find no maximum in them)."""
-    logits = torch.full((3, vocab), float("nan"))
-    logits[2, :vocab // 2] = 0.0  # half NaN
-    token, _, top_ids, _ = cpu_kernels.sample_rows(logits, None, torch.tensor([vocab, 3, 4]), None, None,
-                                                   [True, False, False], torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64), 3)
+    logits = torch.full((4, vocab), float("nan"))
+    logits[2:, :vocab // 2] = torch.randn(2, vocab // 2)  # half NaN
+    token, _, top_ids, _ = cpu_kernels.sample_rows(
+        logits, None, torch.tensor([vocab, 3, 4, vocab]), torch.tensor([1.0, 1.0, 1.0, 0.9]), None,
+        [True, False, False, False], torch.tensor([0.0, 0.5, 0.5, 0.5], dtype=torch.float64), 3)
     assert ((0 <= token) & (token < vocab)).all() and ((0 <= top_ids) & (top_ids < vocab)).all()

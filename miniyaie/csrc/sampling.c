@@ -11,7 +11,8 @@
  * best entries in a short sorted list; top-k and top-p cut that list, so the kept tokens (and their
  * softmax) come from it without touching the rest of the row again. Only rows whose kept set is not a cut of a
  * short list go over the row again: no top-k and no top-p (every token, or those min-p keeps), and
- * top-p without top-k where the 64 best do not reach p (a full sort, then a cut).
+ * top-p without top-k where the 64 best do not reach p (the tokens down to where the mass reaches p
+ * are sorted, then cut).
  *
  * The sorted order puts larger values first and, among equal values, the smaller id (argmax's
  * tie rule). No infinities are used (fast-math assumes none): the maximum starts at -FLT_MAX.
@@ -27,6 +28,8 @@
 
 #define MAX_TOP 64     /* the most alternatives reported (cpu_kernels.MAX_TOP) */
 #define FIRST_TRY 64   /* top-p without top-k first looks for its cut among this many best */
+#define BINS 512       /* ... then by its softmax mass in bins of SPAN / BINS below the peak */
+#define SPAN 32.0f     /* exp(-32): ~1e-14 of the peak's weight, past any top-p's cut */
 
 typedef struct {
     float z;  /* the logit while the list is built, then divided by the temperature */
@@ -144,19 +147,34 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
     entry *sorted = list;
     int listed = n;  /* entries in sorted: fewer than cap only in a row with NaNs */
     if (cut_p) {
-        double norm = 0.0;
-        if (!cut_k)  /* the softmax top-p cuts is over the whole row */
-            for (int i = 0; i < vocab; i++)
-                norm += expf(scale(x[i], t) - peak);
+        double norm = 0.0, mass[BINS] = {0};
+        if (!cut_k)  /* the softmax top-p cuts is over the whole row; its mass by distance from the peak too */
+            for (int i = 0; i < vocab; i++) {
+                const float z = scale(x[i], t), e = expf(z - peak);
+                const int bin = (int)((peak - z) * (BINS / SPAN));
+                norm += e;
+                mass[bin >= 0 && bin < BINS ? bin : BINS - 1] += e;  /* a NaN's bin is INT_MIN */
+            }
         keep = top_p_cut(list, n, cut_k ? (int)top_k : vocab, norm, top_p);
-        if (keep < 0) {  /* past the first FIRST_TRY: sort the whole row */
-            sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
+        /* Past the first FIRST_TRY: sort the tokens down to two bins below the one where the mass
+         * reaches p — a prefix of the sorted order holding the cut — or, if rounding left the cut
+         * outside it, the whole row. A flat row's cut lies thousands of tokens down: sorting all
+         * 49,152 took ~4 ms a row (16 flat rows at top-p 0.9: 65 -> 5.8 ms; torch's stages 47). */
+        for (int whole = 0; keep < 0 && whole < 2; whole++) {
+            int deep = 0;
+            for (double reached = mass[0]; deep < BINS - 1 && reached < top_p * norm; reached += mass[++deep])
+                ;
+            const float edge = whole || deep + 2 >= BINS ? -FLT_MAX : peak - (deep + 2) * (SPAN / BINS);
+            if (sorted == list)
+                sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
+            listed = 0;
             for (int i = 0; i < vocab; i++)
-                sorted[i] = (entry){scale(x[i], t), i};
-            qsort(sorted, vocab, sizeof(entry), by_rank);
-            listed = vocab;
-            keep = top_p_cut(sorted, vocab, vocab, norm, top_p);
+                if (scale(x[i], t) >= edge)
+                    sorted[listed++] = (entry){scale(x[i], t), i};
+            qsort(sorted, listed, sizeof(entry), by_rank);
+            keep = top_p_cut(sorted, listed, vocab, norm, top_p);
         }
+        keep = keep < 0 ? listed : keep;  /* only a row with NaNs (a NaN mass) never reaches p */
     }
     const float floor = min_p > 0.0f ? peak + logf(min_p) : -FLT_MAX;
 
