@@ -84,43 +84,35 @@ static inline float scale(float x, float t)
     return t == 1.0f ? x : x / t;
 }
 
-/* One row: see the file's comment. temperature 0 (greedy) reports the distribution at 1. */
-static void sample_row(const float *x, int vocab, float temperature, int64_t top_k, float top_p, float min_p,
-                       int greedy, double u, int top, int want_logprob, float *scratch,
-                       int64_t *token, float *logprob, int64_t *top_ids, float *top_probs)
+/* The first index of x's maximum (argmax's tie rule), on the logits themselves: dividing by t > 0
+ * keeps their order. A row of NaNs has no maximum: then any index, in range. */
+static int64_t argmax(const float *x, int vocab, float *peak_logit)
 {
-    const float t = temperature > 0.0f ? temperature : 1.0f;
-    /* Dividing by t > 0 keeps the logits' order, so the maximum and the sorted list are found on
-     * the logits themselves, and only the few listed values are divided. */
-    float peak_logit = -FLT_MAX;
+    float peak = -FLT_MAX;
     for (int i = 0; i < vocab; i++)  /* a plain reduction: vectorised */
-        peak_logit = fmaxf(peak_logit, x[i]);
-    int64_t best = 0;  /* its first index, 8 at a time to the block holding it */
+        peak = fmaxf(peak, x[i]);
+    int64_t best = 0;
 #ifdef __AVX__
-    for (; best + 8 <= vocab; best += 8)
-        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + best), _mm256_set1_ps(peak_logit), _CMP_EQ_OQ)))
+    for (; best + 8 <= vocab; best += 8)  /* 8 at a time to the block holding it */
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + best), _mm256_set1_ps(peak), _CMP_EQ_OQ)))
             break;
 #endif
-    best = best < vocab ? best : vocab - 1;  /* a row of NaNs has no maximum: any token, in range */
-    while (best < vocab - 1 && x[best] != peak_logit)
+    best = best < vocab ? best : vocab - 1;
+    while (best < vocab - 1 && x[best] != peak)
         best++;
-    const float peak = scale(peak_logit, t);
-    *token = best;  /* the argmax (its first index): filters never remove it */
-    *logprob = NAN;
-    if (greedy && !want_logprob && top == 0)
-        return;
+    *peak_logit = peak;
+    return best;
+}
 
-    const int cut_k = top_k < vocab, cut_p = top_p < 1.0f;
-    int cap = cut_k ? (int)top_k : cut_p ? FIRST_TRY : 0;
-    cap = cap < top ? top : cap;
-    cap = cap > vocab ? vocab : cap;
-    entry small[FIRST_TRY > MAX_TOP ? FIRST_TRY : MAX_TOP];
-    entry *list = cap <= (int)(sizeof small / sizeof small[0]) ? small : malloc(sizeof(entry) * cap);
+/* list[0:n] = the row's cap best, sorted, their values divided by t; returns n (< cap only in a row
+ * with NaNs). Found on the logits (dividing keeps their order), so only the listed are divided. */
+static int list_best(const float *x, int vocab, float t, entry *list, int cap)
+{
     int n = 0, next = 0;  /* entries listed; the next logit to offer */
 #ifdef __AVX__
     /* After the first few hundred logits almost none enter: test 8 at a time against the last
      * entry and offer only where one of them beats it (one at a time, the demo's 16 rows took
-     * 1.4 ms on the 2-core dev machine; with this and the blockwise search above, ~0.35). */
+     * 1.4 ms on the 2-core dev machine; with this and argmax's blockwise search, ~0.35). */
     for (; cap > 0 && next + 8 <= vocab; next += 8) {
         const float last = n == cap ? list[cap - 1].z : -FLT_MAX;
         const __m256 beats = _mm256_cmp_ps(_mm256_loadu_ps(x + next), _mm256_set1_ps(last), _CMP_GT_OQ);
@@ -129,12 +121,77 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
                 offer(list, &n, cap, x[i], i);
     }
 #endif
-    for (; cap > 0 && next < vocab; next++)  /* the row's best, sorted */
+    for (; cap > 0 && next < vocab; next++)
         offer(list, &n, cap, x[next], next);
     for (int j = 0; j < n; j++)
         list[j].z = scale(list[j].z, t);
+    return n;
+}
 
-    /* the kept tokens: the first `keep` of the sorted order (keep < 0: all), then min-p's floor */
+/* Top-p without top-k whose cut lies past the list: sorted[0:*listed] = the tokens down to two
+ * bins below the one where the softmax mass reaches p (mass: the row's weights exp(z - peak) in
+ * bins of SPAN / BINS below the peak, summing to norm) — a prefix of the sorted order holding the
+ * cut — or, if rounding left the cut outside it, the whole row. Returns the cut. A flat row's cut
+ * lies thousands of tokens down: sorting all 49,152 took ~4 ms a row (16 flat rows at top-p 0.9:
+ * 65 -> 5.8 ms; torch's stages 47). */
+static int sort_to_cut(const float *x, int vocab, float t, float peak, const double *mass, double norm,
+                       float top_p, entry *sorted, int *listed)
+{
+    int keep = -1;
+    for (int whole = 0; keep < 0 && whole < 2; whole++) {
+        int deep = 0;
+        for (double reached = mass[0]; deep < BINS - 1 && reached < top_p * norm; reached += mass[++deep])
+            ;
+        const float edge = whole || deep + 2 >= BINS ? -FLT_MAX : peak - (deep + 2) * (SPAN / BINS);
+        *listed = 0;
+        for (int i = 0; i < vocab; i++)
+            if (scale(x[i], t) >= edge)
+                sorted[(*listed)++] = (entry){scale(x[i], t), i};
+        qsort(sorted, *listed, sizeof(entry), by_rank);
+        keep = top_p_cut(sorted, *listed, vocab, norm, top_p);
+    }
+    return keep < 0 ? *listed : keep;  /* only a row with NaNs (a NaN mass) never reaches p */
+}
+
+/* The inverse CDF over kept[0:keep] (any order): the token i whose cumulative probability in
+ * vocabulary order first exceeds u times the total. */
+static int64_t draw_from(entry *kept, int keep, float peak, float log_norm, double u)
+{
+    qsort(kept, keep, sizeof(entry), by_id);
+    double total = 0.0;
+    for (int j = 0; j < keep; j++)
+        total += (double)expf((kept[j].z - peak) - log_norm);
+    const double target = fmin(u * total, nextafter(total, 0.0));
+    double cdf = 0.0;
+    int j = 0;
+    for (; j < keep - 1; j++) {
+        cdf += (double)expf((kept[j].z - peak) - log_norm);
+        if (cdf > target)
+            break;
+    }
+    return kept[j].id;
+}
+
+/* One row: see the file's comment. temperature 0 (greedy) reports the distribution at 1. */
+static void sample_row(const float *x, int vocab, float temperature, int64_t top_k, float top_p, float min_p,
+                       int greedy, double u, int top, int want_logprob, float *scratch,
+                       int64_t *token, float *logprob, int64_t *top_ids, float *top_probs)
+{
+    const float t = temperature > 0.0f ? temperature : 1.0f;
+    float peak_logit;
+    *token = argmax(x, vocab, &peak_logit);  /* filters never remove the maximum */
+    *logprob = NAN;
+    if (greedy && !want_logprob && top == 0)
+        return;
+    const float peak = scale(peak_logit, t);
+
+    const int cut_k = top_k < vocab, cut_p = top_p < 1.0f;
+    int cap = cut_k ? (int)top_k : cut_p ? FIRST_TRY : 0;
+    cap = cap < top ? top : cap;
+    cap = cap > vocab ? vocab : cap;
+    entry small[FIRST_TRY > MAX_TOP ? FIRST_TRY : MAX_TOP];
+    entry *list = cap <= (int)(sizeof small / sizeof small[0]) ? small : malloc(sizeof(entry) * cap);
+    const int n = list_best(x, vocab, t, list, cap);
     if (cap > 0 && n == 0) {  /* nothing beat -FLT_MAX: a row of NaNs; report no distribution */
         for (int j = 0; j < top; j++)
             top_ids[j] = j, top_probs[j] = 0.0f;
@@ -143,9 +200,9 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
         return;
     }
 
-    int keep = cut_k ? (int)top_k : -1;
+    /* the kept tokens: the first `keep` of the sorted order (keep < 0: all), then min-p's floor */
+    int keep = cut_k ? (int)top_k : -1, listed = n;
     entry *sorted = list;
-    int listed = n;  /* entries in sorted: fewer than cap only in a row with NaNs */
     if (cut_p) {
         double norm = 0.0, mass[BINS] = {0};
         if (!cut_k)  /* the softmax top-p cuts is over the whole row; its mass by distance from the peak too */
@@ -156,25 +213,10 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
                 mass[bin >= 0 && bin < BINS ? bin : BINS - 1] += e;  /* a NaN's bin is INT_MIN */
             }
         keep = top_p_cut(list, n, cut_k ? (int)top_k : vocab, norm, top_p);
-        /* Past the first FIRST_TRY: sort the tokens down to two bins below the one where the mass
-         * reaches p — a prefix of the sorted order holding the cut — or, if rounding left the cut
-         * outside it, the whole row. A flat row's cut lies thousands of tokens down: sorting all
-         * 49,152 took ~4 ms a row (16 flat rows at top-p 0.9: 65 -> 5.8 ms; torch's stages 47). */
-        for (int whole = 0; keep < 0 && whole < 2; whole++) {
-            int deep = 0;
-            for (double reached = mass[0]; deep < BINS - 1 && reached < top_p * norm; reached += mass[++deep])
-                ;
-            const float edge = whole || deep + 2 >= BINS ? -FLT_MAX : peak - (deep + 2) * (SPAN / BINS);
-            if (sorted == list)
-                sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
-            listed = 0;
-            for (int i = 0; i < vocab; i++)
-                if (scale(x[i], t) >= edge)
-                    sorted[listed++] = (entry){scale(x[i], t), i};
-            qsort(sorted, listed, sizeof(entry), by_rank);
-            keep = top_p_cut(sorted, listed, vocab, norm, top_p);
+        if (keep < 0) {
+            sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
+            keep = sort_to_cut(x, vocab, t, peak, mass, norm, top_p, sorted, &listed);
         }
-        keep = keep < 0 ? listed : keep;  /* only a row with NaNs (a NaN mass) never reaches p */
     }
     const float floor = min_p > 0.0f ? peak + logf(min_p) : -FLT_MAX;
 
@@ -187,22 +229,10 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
         for (int j = 0; j < keep; j++)
             sum += expf(sorted[j].z - peak);
         log_norm = (float)log(sum);
-        if (!greedy) {  /* inverse CDF in vocabulary order over the kept entries */
+        if (!greedy) {
             entry *kept = malloc(sizeof(entry) * keep);
             memcpy(kept, sorted, sizeof(entry) * keep);
-            qsort(kept, keep, sizeof(entry), by_id);
-            double total = 0.0;
-            for (int j = 0; j < keep; j++)
-                total += (double)expf((kept[j].z - peak) - log_norm);
-            const double target = fmin(u * total, nextafter(total, 0.0));
-            double cdf = 0.0;
-            int j = 0;
-            for (; j < keep - 1; j++) {
-                cdf += (double)expf((kept[j].z - peak) - log_norm);
-                if (cdf > target)
-                    break;
-            }
-            *token = kept[j].id;
+            *token = draw_from(kept, keep, peak, log_norm, u);
             free(kept);
         }
     } else {  /* every token that reaches min-p's floor: more passes over the row */
@@ -212,7 +242,7 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
             sum += z >= floor ? expf(z - peak) : 0.0f;
         }
         log_norm = (float)log(sum);
-        if (!greedy) {  /* inverse CDF in vocabulary order */
+        if (!greedy) {  /* the inverse CDF in vocabulary order */
             double total = 0.0;
             for (int i = 0; i < vocab; i++) {
                 const float z = scale(x[i], t);
