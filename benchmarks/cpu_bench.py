@@ -1,6 +1,6 @@
 """CPU benchmarks: Mini-YAIE vs transformers on the embedded SmolLM2-135M-Instruct, same dtype, same run.
 
-    python benchmarks/cpu_bench.py [--dtype float32] [--rounds 5] [--only chat_burst,single_stream,shared_prefix,startup]
+    python benchmarks/cpu_bench.py [--dtype float32] [--rounds 5] [--only chat_burst,sampled_burst,single_stream,shared_prefix,startup]
 
 Prints one markdown table per workload (ours and the peer side by side, with the ratio); paste
 them into benchmarks/RESULTS.md. Progress goes to stderr. Chat burst and single stream run
@@ -50,12 +50,13 @@ class Peer:
         self.tokenizer.padding_side = "left"
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> float:
-        """Static padded batch; returns seconds."""
+    def generate(self, prompts: list[list[int]], new_tokens: int, **sampling) -> float:
+        """Static padded batch, greedy unless ``sampling`` (temperature, top_k, top_p) is given;
+        returns seconds."""
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
         started = time.perf_counter()
-        self.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            pad_token_id=self.tokenizer.pad_token_id)
+        self.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=bool(sampling),
+                            pad_token_id=self.tokenizer.pad_token_id, **sampling)
         return time.perf_counter() - started
 
     @torch.inference_mode()
@@ -82,28 +83,43 @@ def ratio_cell(ours: list[float], peer: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}x ({' / '.join(f'{r:.2f}' for r in ratios)})"
 
 
-def chat_burst(args, peer: Peer) -> str:
-    engine = new_engine(args)
-    prompts = [engine.tokenize(p) for p in chat_burst_prompts(16)]
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    log(f"chat burst: 16 x ({len(prompts[0])}-{max(map(len, prompts))} prompt tokens), 64 new tokens each")
-    ours, peer_static = [], []
+DEMO_SAMPLING = dict(temperature=0.7, top_k=40, top_p=0.95)  # the demo's defaults (ui/layout.py)
+
+
+def burst_rounds(args, peer: Peer, engine: Engine, prompts: list[list[int]], sampling: dict) -> tuple[list, list]:
+    """Output tok/s of ours and the peer's ``generate`` on 16 x 64 new tokens, a turn each a round."""
+    ours, theirs = [], []
     for round_ in range(args.rounds):
+        params = [SamplingParams(max_tokens=64, ignore_eos=True, seed=100 * round_ + i if sampling else None,
+                                 **(sampling or dict(temperature=0))) for i in range(len(prompts))]
         engine.clear_cache()  # every round starts cold: the system prompt is computed once per round
         started = time.perf_counter()
         engine.generate(prompts, params)
         ours.append(16 * 64 / (time.perf_counter() - started))
-        peer_static.append(16 * 64 / peer.generate(prompts, 64))
-        log(f"  round {round_ + 1}: Mini-YAIE {ours[-1]:.1f} tok/s, transformers generate {peer_static[-1]:.1f}")
-    log("  transformers generate_batch (once: it is 3-4x behind, and a round takes a minute)…")
-    peer_cb = 16 * 64 / peer.generate_batch(prompts, 64)
+        torch.manual_seed(round_)
+        theirs.append(16 * 64 / peer.generate(prompts, 64, **sampling))
+        log(f"  round {round_ + 1}: Mini-YAIE {ours[-1]:.1f} tok/s, transformers generate {theirs[-1]:.1f}")
+    return ours, theirs
+
+
+def chat_burst(args, peer: Peer, sampling: dict) -> str:
+    """The chat burst, greedy (the issue's workload, with ``generate_batch`` too) or sampled as the demo samples."""
+    engine = new_engine(args)
+    prompts = [engine.tokenize(p) for p in chat_burst_prompts(16)]
+    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    how = "sampled as the demo samples (temperature 0.7, top-k 40, top-p 0.95)" if sampling else "greedy"
+    log(f"chat burst, {how}: 16 x ({len(prompts[0])}-{max(map(len, prompts))} prompt tokens), 64 new tokens each")
+    ours, peer_static = burst_rounds(args, peer, engine, prompts, sampling)
     med = statistics.median
-    return table(f"Chat burst (16 chats, shared ~200-token system prompt, 64 new tokens, greedy; {args.rounds} rounds)", [
-        ("output tok/s vs `generate` (padded batch of 16)", f"{med(ours):.1f}", f"{med(peer_static):.1f}",
-         ratio_cell(ours, peer_static)),
-        ("output tok/s vs `generate_batch` (paged, continuous)", f"{ours[-1]:.1f}", f"{peer_cb:.1f}", f"{ours[-1] / peer_cb:.2f}x"),
-    ])
+    rows = [("output tok/s vs `generate` (padded batch of 16)", f"{med(ours):.1f}", f"{med(peer_static):.1f}",
+             ratio_cell(ours, peer_static))]
+    if not sampling:
+        log("  transformers generate_batch (once: it is 3-4x behind, and a round takes a minute)…")
+        peer_cb = 16 * 64 / peer.generate_batch(prompts, 64)
+        rows.append(("output tok/s vs `generate_batch` (paged, continuous)", f"{ours[-1]:.1f}", f"{peer_cb:.1f}",
+                     f"{ours[-1] / peer_cb:.2f}x"))
+    return table(f"Chat burst (16 chats, shared ~200-token system prompt, 64 new tokens, {how}; {args.rounds} rounds)",
+                 rows)
 
 
 def single_stream(args, peer: Peer) -> str:
@@ -187,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=5, help="turns of ours and the peer (chat burst, single stream)")
-    parser.add_argument("--only", default="chat_burst,single_stream,shared_prefix,startup")
+    parser.add_argument("--only", default="chat_burst,sampled_burst,single_stream,shared_prefix,startup")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     log("loading the embedded model")
@@ -195,9 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype}\n")
-    peer = Peer(args.loaded.source_dir, dtype) if only & {"chat_burst", "single_stream"} else None
+    peer = Peer(args.loaded.source_dir, dtype) if only & {"chat_burst", "sampled_burst", "single_stream"} else None
     if "chat_burst" in only:
-        print(chat_burst(args, peer), flush=True)
+        print(chat_burst(args, peer, {}), flush=True)
+    if "sampled_burst" in only:
+        print(chat_burst(args, peer, DEMO_SAMPLING), flush=True)
     if "single_stream" in only:
         print(single_stream(args, peer), flush=True)
     if "shared_prefix" in only:
