@@ -83,8 +83,10 @@ def test_block_map_shows_shared_blocks_while_running(served, browser):  # noqa: 
     page.goto(url)
     page.wait_for_selector("#blocks-info #blocks-shared", timeout=60_000)
     # The tiny model finishes a scenario in well under a second on a fast machine, and shared
-    # blocks exist only while requests run: slow every step so the page's refresh sees them.
-    engine_thread.fault_hook = lambda: time.sleep(0.05)
+    # blocks exist only while requests run: slow every step so the page's refresh (every 0.5 s)
+    # sees them. 0.05 s a step (a ~2.5 s window) missed them once in a loaded full run; the hook
+    # comes off as soon as they show, so a longer window costs the test nothing.
+    engine_thread.fault_hook = lambda: time.sleep(0.25)
     try:
         page.click("#scenario-shared_system")
         seen = {"shared": 0}
