@@ -204,14 +204,16 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
     int keep = cut_k ? (int)top_k : -1, listed = n;
     entry *sorted = list;
     if (cut_p) {
-        double norm = 0.0, mass[BINS] = {0};
-        if (!cut_k)  /* the softmax top-p cuts is over the whole row; its mass by distance from the peak too */
+        double norm = 0.0, mass[BINS];  /* mass: read only without top-k (sort_to_cut) */
+        if (!cut_k) {  /* the softmax top-p cuts is over the whole row; its mass by distance from the peak too */
+            memset(mass, 0, sizeof mass);
             for (int i = 0; i < vocab; i++) {
                 const float z = scale(x[i], t), e = expf(z - peak);
                 const int bin = (int)((peak - z) * (BINS / SPAN));
                 norm += e;
                 mass[bin >= 0 && bin < BINS ? bin : BINS - 1] += e;  /* a NaN's bin is INT_MIN */
             }
+        }
         keep = top_p_cut(list, n, cut_k ? (int)top_k : vocab, norm, top_p);
         if (keep < 0) {
             sorted = malloc(sizeof(entry) * (size_t)(unsigned)vocab);
