@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.cpu_kernels import StepBatch, kernel_supports, load_cpu_kernels, weight_pointers
+from miniyaie.cpu_kernels import StepBatch, kernel_supports, load_cpu_kernels, pointer, weight_pointers
 from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
@@ -40,7 +40,7 @@ class _LinearWeights(ctypes.Structure):
 
     @classmethod
     def of(cls, layer: CpuLinear) -> _LinearWeights:
-        return cls(*weight_pointers(layer.kernel_weight), None if layer.bias is None else layer.bias.data_ptr(),
+        return cls(*weight_pointers(layer.kernel_weight), pointer(layer.bias),
                    layer.out_features, layer.in_features)
 
 

@@ -178,6 +178,11 @@ def find_block_codes(weight: torch.Tensor) -> BlockCodes | None:
     return codes if exact else None
 
 
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a C argument; None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
+
+
 def weight_pointers(weight: torch.Tensor | BlockCodes) -> tuple[int | None, int | None, int | None, int | None]:
     """The C ``linear``'s (weight, codes, scales, offsets) arguments for a contiguous fp32 weight
     (the last three None) or for its ``BlockCodes`` (the first None)."""
@@ -193,7 +198,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | BlockCodes, bias: torch.Tenso
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32 and x.shape[1] % 8 == 0
     n = (weight.codes if isinstance(weight, BlockCodes) else weight).shape[0]
     y = torch.empty(x.shape[0], n)
-    load_cpu_kernels().linear(x.data_ptr(), *weight_pointers(weight), None if bias is None else bias.data_ptr(),
+    load_cpu_kernels().linear(x.data_ptr(), *weight_pointers(weight), pointer(bias),
                               y.data_ptr(), x.shape[0], n, x.shape[1])
     return y
 
@@ -248,7 +253,6 @@ def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor | None, top_ks:
     flags = bytes(greedy)  # one byte a row, 1 = greedy
     token, logprob = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     top_ids, top_probs = torch.empty(rows, num_top, dtype=torch.int64), torch.empty(rows, num_top)
-    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     load_cpu_kernels().sample_rows(logits.data_ptr(), rows, vocab, *map(pointer, (temperatures, top_ks, top_ps, min_ps)),
                                    flags, pointer(uniforms), num_top, int(want_logprob), token.data_ptr(),
                                    logprob.data_ptr(), top_ids.data_ptr(), top_probs.data_ptr())
