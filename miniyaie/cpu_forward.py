@@ -80,6 +80,7 @@ class CpuForward:
     def __init__(self, model: LlamaFamilyModel, kv: KVCacheManager) -> None:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
         self.args = model.args
+        self._scratch = torch.empty(0)  # the steps' buffers, kept for the next step (run)
         self.lib.forward_step.argtypes = [ctypes.POINTER(_ModelEnds), ctypes.POINTER(_DecoderLayer), _i32,
                                           ctypes.POINTER(_StepShape), ctypes.POINTER(StepBatch),
                                           ctypes.POINTER(_StepBuffers), _ptr]
@@ -117,7 +118,9 @@ class CpuForward:
                   (heads + kv_heads) * head_dim, heads * head_dim, a.hidden_size, 2 * a.intermediate_size,
                   a.intermediate_size)  # per token, in _StepBuffers' order; then the rows wanting logits
         sizes = [tokens * width for width in widths] + [rows * a.hidden_size]
-        scratch = torch.empty(sum(sizes))
+        if self._scratch.numel() < sum(sizes):  # grown, never shrunk: a fresh allocation each step had the
+            self._scratch = torch.empty(sum(sizes))  # kernel zero its pages as they were first written
+        scratch = self._scratch
         base, item = scratch.data_ptr(), scratch.element_size()
         buffers = _StepBuffers(*(base + item * start for start in itertools.accumulate(sizes[:-1], initial=0)))
         shape = _StepShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
