@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.cpu_kernels import StepBatch, kernel_supports, load_cpu_kernels, pointer, weight_pointers
+from miniyaie.cpu_kernels import (BlockCodes, HeadScreen, StepBatch, kernel_supports, load_cpu_kernels, pointer,
+                                  screens_greedy_head, weight_pointers)
 from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
@@ -54,7 +55,8 @@ class _DecoderLayer(ctypes.Structure):
 class _ModelEnds(ctypes.Structure):
     """layers.c's ``model_ends``: what a step reads besides its layers."""
 
-    _fields_ = [("embedding", _ptr), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("head", _LinearWeights)]
+    _fields_ = [("embedding", _ptr), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("head", _LinearWeights),
+                ("screen", _ptr)]
 
 
 class _StepShape(ctypes.Structure):
@@ -75,7 +77,8 @@ def _linears(layer: DecoderLayer) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
 class CpuForward:
     """Runs forward steps of ``model`` (fp32, on the CPU, its Linears swapped for ``CpuLinear``s)
     over the pool of ``kv``. Holds the model's weight and pool pointers, not the weights: the model
-    and the pool must outlive this (the runner holds all three)."""
+    and the pool must outlive this (the runner holds all three). ``head_screen`` (a ``HeadScreen`` of
+    the head's block codes, or None) lets a step return greedy tokens instead of logits."""
 
     def __init__(self, model: LlamaFamilyModel, kv: KVCacheManager) -> None:
         self.model, self.kv, self.lib = model, kv, load_cpu_kernels()
@@ -83,7 +86,7 @@ class CpuForward:
         self._scratch = torch.empty(0)  # the steps' buffers, kept for the next step (run)
         self.lib.forward_step.argtypes = [ctypes.POINTER(_ModelEnds), ctypes.POINTER(_DecoderLayer), _i32,
                                           ctypes.POINTER(_StepShape), ctypes.POINTER(StepBatch),
-                                          ctypes.POINTER(_StepBuffers), _ptr]
+                                          ctypes.POINTER(_StepBuffers), _ptr, _ptr]
         self.lib.forward_step.restype = None
         layer_bytes = kv.k_pool[0].numel() * kv.k_pool.element_size()
         self.layers = (_DecoderLayer * len(model.layers))(*(
@@ -91,6 +94,9 @@ class CpuForward:
                           *map(_LinearWeights.of, _linears(layer)),
                           kv.k_pool.data_ptr() + i * layer_bytes, kv.v_pool.data_ptr() + i * layer_bytes)
             for i, layer in enumerate(model.layers)))
+        # greedy steps' tokens come from the head's integer screen (csrc/greedy_head.c) where it pays
+        head = model.lm_head.kernel_weight
+        self.head_screen = HeadScreen(head) if isinstance(head, BlockCodes) and screens_greedy_head() else None
         # positions index the rotary tables unchecked: the engine keeps them below max_model_len, at
         # most the tables' length; token ids are checked against the vocabulary when requests arrive
         self.ends = _ModelEnds(model.embed_tokens.weight.data_ptr(), model.rope.cos.data_ptr(),
@@ -110,8 +116,11 @@ class CpuForward:
                 and all(t.dtype == torch.float32 and t.is_contiguous()
                         for t in (model.embed_tokens.weight, model.rope.cos, model.rope.sin, model.norm.weight)))
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """The step's logits, as ``model(ctx)`` computes them; writes the new K/V into the pool."""
+    def run(self, batch: ForwardBatch, greedy: bool = False) -> torch.Tensor:
+        """The step's logits, as ``model(ctx)`` computes them, or with ``greedy`` (where ``head_screen``
+        is) only their argmaxes, int64 [rows]; writes the new K/V into the pool."""
+        if greedy:
+            self.ends.screen = ctypes.addressof(self.head_screen.struct)
         a, tokens, rows = self.args, batch.num_tokens, batch.logits_indices.numel()
         heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         widths = (a.hidden_size, head_dim, head_dim, a.hidden_size, (heads + 2 * kv_heads) * head_dim,
@@ -125,7 +134,8 @@ class CpuForward:
         buffers = _StepBuffers(*(base + item * start for start in itertools.accumulate(sizes[:-1], initial=0)))
         shape = _StepShape(tokens, a.hidden_size, heads, kv_heads, head_dim, a.intermediate_size, batch.block_size,
                            a.rms_norm_eps, head_dim ** -0.5)
-        logits = torch.empty(rows, self.model.lm_head.out_features)
+        out = torch.empty(rows, dtype=torch.int64) if greedy else torch.empty(rows, self.model.lm_head.out_features)
         self.lib.forward_step(ctypes.byref(self.ends), self.layers, len(self.layers), ctypes.byref(shape),
-                              ctypes.byref(StepBatch.of(batch)), ctypes.byref(buffers), logits.data_ptr())
-        return logits
+                              ctypes.byref(StepBatch.of(batch)), ctypes.byref(buffers),
+                              None if greedy else out.data_ptr(), out.data_ptr() if greedy else None)
+        return out

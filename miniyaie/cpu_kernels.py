@@ -44,6 +44,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_*_attention.c)
 MAX_TOP = 64  # the most alternatives sample_rows reports (sampling.c)
 BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
+GREEDY_LANES = 16  # vocabulary rows side by side in a HeadScreen (LANES in greedy_head.c)
 
 
 def _cpu_description() -> bytes:
@@ -92,8 +93,12 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
+    lib.greedy_head_fast.restype = i32
+    lib.head_screen_layout.argtypes = [ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr]
+    lib.head_screen_layout.restype = i32
+    lib.greedy_head.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i32, i32, ptr]
     lib.sample_rows.argtypes = [ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, ptr]
-    for name in ("paged_attention", "rms_norm", "silu_and_mul", "rotary", "write_kv", "sample_rows"):
+    for name in ("paged_attention", "rms_norm", "silu_and_mul", "rotary", "write_kv", "sample_rows", "greedy_head"):
         getattr(lib, name).restype = None
     return lib
 
@@ -176,6 +181,48 @@ def find_block_codes(weight: torch.Tensor) -> BlockCodes | None:
     exact = load_cpu_kernels().find_block_codes(weight.data_ptr(), n, k, codes.codes.data_ptr(),
                                                 codes.scales.data_ptr(), codes.offsets.data_ptr())
     return codes if exact else None
+
+
+class HeadScreen:
+    """A head's block codes laid out for ``greedy_head``'s integer screen (``csrc/greedy_head.c``):
+    16 vocabulary rows side by side, their codes 4 at a time as unsigned bytes (code + 128), and
+    per block their scales, offsets and sums of |weight|. Built once from the head's ``BlockCodes``;
+    as large again as the codes (SmolLM2: 28 MB, and 10 MB of block values). ``struct`` is the C
+    ``head_screen``, pointing into the tensors held here."""
+
+    class Struct(ctypes.Structure):
+        _fields_ = ([(name, ctypes.c_void_p) for name in ("codes4", "scales", "offsets", "l1", "l1_totals")]
+                    + [("any_offsets", ctypes.c_int32)])
+
+    def __init__(self, codes: BlockCodes) -> None:
+        n, k = codes.codes.shape
+        panels, blocks = -(-n // GREEDY_LANES), k // BLOCK_CODE_SIZE
+        self.codes4 = torch.empty(panels, k // 4, GREEDY_LANES, 4, dtype=torch.uint8)
+        self.scales, self.offsets, self.l1 = (torch.empty(panels, blocks, GREEDY_LANES) for _ in range(3))
+        self.l1_totals = torch.empty(n)
+        tensors = (self.codes4, self.scales, self.offsets, self.l1, self.l1_totals)
+        any_offsets = load_cpu_kernels().head_screen_layout(
+            codes.codes.data_ptr(), codes.scales.data_ptr(), codes.offsets.data_ptr(), n, k, *(t.data_ptr() for t in tensors))
+        self.struct = self.Struct(*(t.data_ptr() for t in tensors), any_offsets)
+
+
+def screens_greedy_head() -> bool:
+    """Whether ``greedy_head`` beats the full head here: its integer screen takes AVX-512 VNNI
+    (without it the same scores come from plain C: exact, but slower than the fp32 head)."""
+    lib = load_cpu_kernels()
+    return lib is not None and bool(lib.greedy_head_fast())
+
+
+def greedy_head(x: torch.Tensor, codes: BlockCodes, screen: HeadScreen) -> torch.Tensor:
+    """``linear(x, codes).argmax(-1)`` (its first maximum, from the fp32 kernel's very logits) for
+    contiguous fp32 ``x`` [m, k], without most of the logits: an integer screen rules out the tokens
+    that cannot be the maximum (``csrc/greedy_head.c``)."""
+    assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32
+    n, k = codes.codes.shape
+    tokens = torch.empty(x.shape[0], dtype=torch.int64)
+    load_cpu_kernels().greedy_head(x.data_ptr(), x.shape[0], codes.codes.data_ptr(), codes.scales.data_ptr(),
+                                   codes.offsets.data_ptr(), ctypes.byref(screen.struct), n, k, tokens.data_ptr())
+    return tokens
 
 
 def pointer(t: torch.Tensor | None) -> int | None:

@@ -118,6 +118,16 @@ class ModelRunner:
         ceiling = self.config.max_num_seqs * (self.args.max_position_embeddings // self.config.block_size + 1)
         return max(2, min(int(budget // per_block), ceiling))
 
+    @property
+    def picks_greedy_tokens(self) -> bool:
+        """Whether ``greedy_tokens`` serves here (the CPU step, a head with block codes, AVX-512 VNNI)."""
+        return self.cpu_forward is not None and self.cpu_forward.head_screen is not None
+
+    @torch.inference_mode()
+    def greedy_tokens(self, batch: ForwardBatch) -> torch.Tensor:
+        """``forward(batch).argmax(-1)`` (first maximum) without most of the logits (``picks_greedy_tokens``)."""
+        return self.cpu_forward.run(batch, greedy=True)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(batch):  # CUDA graphs: decode-only steps

@@ -77,6 +77,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def wants_argmax_only(self) -> bool:
+        """Greedy with no log-probabilities and no penalties: the token is the logits' argmax, and
+        nothing else of the distribution is read (filters never remove the argmax)."""
+        return self.greedy and self.logprobs is None and not self.uses_penalties
+
+    @property
     def uses_penalties(self) -> bool:
         """Penalties read the tokens generated so far on the host, every step."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

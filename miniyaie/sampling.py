@@ -126,6 +126,13 @@ class SamplerOutput:
     top_ids: Tensor  # [B, num_top] int64, most likely first
     top_probs: Tensor  # [B, num_top] float32
 
+    @classmethod
+    def tokens_only(cls, token_ids: Tensor) -> "SamplerOutput":
+        """Tokens chosen without their distribution (greedy rows nobody asked log-probabilities of)."""
+        rows = token_ids.shape[0]
+        return cls(token_ids, torch.full((rows,), float("nan"), device=token_ids.device),
+                   token_ids.new_empty(rows, 0), torch.empty(rows, 0, device=token_ids.device))
+
 
 class SamplingKernel:
     """Owns the shared RNG (for unseeded requests) and turns ``[B, V]`` logits into tokens.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from miniyaie import Engine, EngineConfig, SamplingParams
-from miniyaie.cpu_kernels import BlockCodes
+from miniyaie.cpu_kernels import BlockCodes, HeadScreen
 from miniyaie.cpu_linear import CpuLinear
 
 from conftest import needs_cpu_kernel
@@ -66,3 +66,35 @@ def test_decode_reads_the_weights_as_block_codes(smollm2):
     linears = [m for m in smollm2.runner.model.modules() if isinstance(m, CpuLinear)]
     assert len(linears) == 30 * 4 + 1  # fused qkv, o, fused gate/up, down per layer; the head
     assert all(isinstance(m.kernel_weight, BlockCodes) for m in linears)
+
+
+def test_greedy_steps_pick_the_tokens_the_full_head_picks(smollm2, all_threads):
+    """Greedy requests that want no log-probabilities take their tokens from the head's integer
+    screen (csrc/greedy_head.c): the same tokens as with every logit computed. A request that asks
+    for log-probabilities sends its steps through the full head. (Where there is no AVX-512 VNNI
+    the engine does not screen; here the screen runs on plain C then, for the test.)"""
+    forward = smollm2.runner.cpu_forward
+    screen = forward.head_screen
+    assert screen is not None or isinstance(forward.model.lm_head.kernel_weight, BlockCodes)
+    prompts = [[{"role": "user", "content": q}] for q in
+               ("Name three planets.", "What is a prime number?", "Say hello in French.", "Why is ice slippery?")]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    picked = []
+    greedy_tokens = smollm2.runner.greedy_tokens
+    smollm2.runner.greedy_tokens = lambda batch: picked.append(batch.num_seqs) or greedy_tokens(batch)
+    try:
+        forward.head_screen = None
+        full = [o.token_ids for o in smollm2.generate(prompts, params)]
+        assert picked == []
+        forward.head_screen = screen or HeadScreen(forward.model.lm_head.kernel_weight)
+        smollm2.clear_cache()
+        screened = [o.token_ids for o in smollm2.generate(prompts, params)]
+        assert len(picked) >= 24 and screened == full
+        picked.clear()
+        smollm2.clear_cache()
+        with_logprobs = smollm2.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2))[0]
+        assert picked == [] and with_logprobs.token_ids == full[0][:4] and len(with_logprobs.choices) == 4
+    finally:
+        forward.head_screen = screen
+        del smollm2.runner.greedy_tokens
+    smollm2.check_integrity()
