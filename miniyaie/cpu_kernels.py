@@ -191,7 +191,7 @@ class HeadScreen:
     ``head_screen``, pointing into the tensors held here."""
 
     class Struct(ctypes.Structure):
-        _fields_ = ([(name, ctypes.c_void_p) for name in ("codes4", "scales", "offsets", "l1", "l1_totals")]
+        _fields_ = ([(name, ctypes.c_void_p) for name in ("codes4", "scales", "offsets", "l1", "l1_peaks")]
                     + [("any_offsets", ctypes.c_int32)])
 
     def __init__(self, codes: BlockCodes) -> None:
@@ -199,8 +199,8 @@ class HeadScreen:
         panels, blocks = -(-n // GREEDY_LANES), k // BLOCK_CODE_SIZE
         self.codes4 = torch.empty(panels, k // 4, GREEDY_LANES, 4, dtype=torch.uint8)
         self.scales, self.offsets, self.l1 = (torch.empty(panels, blocks, GREEDY_LANES) for _ in range(3))
-        self.l1_totals = torch.empty(n)
-        tensors = (self.codes4, self.scales, self.offsets, self.l1, self.l1_totals)
+        self.l1_peaks = torch.empty(n)
+        tensors = (self.codes4, self.scales, self.offsets, self.l1, self.l1_peaks)
         any_offsets = load_cpu_kernels().head_screen_layout(
             codes.codes.data_ptr(), codes.scales.data_ptr(), codes.offsets.data_ptr(), n, k, *(t.data_ptr() for t in tensors))
         self.struct = self.Struct(*(t.data_ptr() for t in tensors), any_offsets)

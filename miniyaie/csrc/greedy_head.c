@@ -16,7 +16,7 @@
  * with l1_jb = sum over the block of |w_ji| (precomputed) and slack = 1/2 (q's rounding) plus an
  * allowance for the fp32 rounding of s_j and of the logit itself. The best-scoring row's logit is
  * at least its s - margin (the floor), so a j with s_j + margin_j below the floor cannot hold the
- * maximum (tested first on the looser max_b delta_b * slack * l1_j, one product). The rest — for
+ * maximum (tested first on the looser sum_b delta_b * slack * max_b l1_jb, one product). The rest — for
  * SmolLM2's greedy chats a median of 6 of 49,152, at most a few dozen — get their fp32 logits from
  * the head's own kernel (linear.c: same rows, same order of operations, so the very values the
  * full head gives), and the first maximum among them, in vocabulary order, is the token: the full
@@ -56,10 +56,10 @@ int greedy_head_fast(void)
 
 /* The screen's copy of codes [n, k] with scales/offsets [n, k / 32] (n padded to whole panels with
  * zero rows): codes4 [panels][k / 4][16][4] (code + 128); scales_t, offsets_t and l1 [panels][k /
- * 32][16], l1 the block's sum of |weight|; l1_totals [n] the row's. Sums are rounded up. Returns
+ * 32][16], l1 the block's sum of |weight| (rounded up); l1_peaks [n] the row's largest l1. Returns
  * whether any offset is not 0 (head_screen.any_offsets). */
 int head_screen_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k,
-                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_totals)
+                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks)
 {
     const int panels = (n + LANES - 1) / LANES, blocks = k / BLOCK;
     int any_offsets = 0;
@@ -67,7 +67,7 @@ int head_screen_layout(const int8_t *codes, const float *scales, const float *of
     for (int p = 0; p < panels; p++)
         for (int lane = 0; lane < LANES; lane++) {
             const int64_t j = (int64_t)p * LANES + lane;
-            double total = 0.0;
+            float peak = 0.0f;
             for (int b = 0; b < blocks; b++) {
                 const float scale = j < n ? scales[j * blocks + b] : 0.0f, offset = j < n ? offsets[j * blocks + b] : 0.0f;
                 double sum = 0.0;
@@ -78,11 +78,11 @@ int head_screen_layout(const int8_t *codes, const float *scales, const float *of
                 }
                 const int64_t at = ((int64_t)p * blocks + b) * LANES + lane;
                 scales_t[at] = scale, offsets_t[at] = offset, l1[at] = (float)(sum * (1.0 + 1e-6));
-                total += l1[at];
+                peak = fmaxf(peak, l1[at]);
                 any_offsets = any_offsets || offset != 0.0f;
             }
             if (j < n)
-                l1_totals[j] = (float)(total * (1.0 + 1e-6));
+                l1_peaks[j] = peak;
         }
     return any_offsets;
 }
@@ -234,7 +234,7 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
     int32_t *ints = malloc(sizeof(int32_t) * m * (k / 4 + blocks));
     float *floats = malloc(sizeof(float) * m * 3 * blocks);
     float *scores = malloc(sizeof(float) * m * npad), *floor_ = malloc(sizeof(float) * m);
-    float *loose = malloc(sizeof(float) * m);  /* max_b reach_b: margin_j <= loose * l1_j */
+    float *loose = malloc(sizeof(float) * m);  /* sum_b reach_b: margin_j <= loose * l1_peaks_j */
     int *keep_all = malloc(sizeof(int) * m);
     uint8_t *candidate = calloc(n, 1);
     for (int r = 0; r < m; r++) {
@@ -244,7 +244,7 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
         keep_all[r] = !round_row(x + (int64_t)r * k, k, &rows[r]);
         loose[r] = 0.0f;
         for (int b = 0; b < blocks; b++)
-            loose[r] = fmaxf(loose[r], rows[r].reach[b]);
+            loose[r] += rows[r].reach[b];
     }
     #pragma omp parallel for schedule(guided)
     for (int p = 0; p < panels; p++)
@@ -257,7 +257,7 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
         floor_[r] = scores[(int64_t)r * npad + best] - margin(s, &rows[r], best, blocks);
     }
     /* a candidate: a row where its score is within its margin of the floor; tested first on the
-     * looser margin l1_j * max_b reach_b (one product, where the margin is a sum over the blocks) */
+     * looser margin sum_b reach_b * max_b l1_jb (one product, where the margin is a sum over blocks) */
     #pragma omp parallel for schedule(static)
     for (int start = 0; start < n; start += CHUNK) {
         const int end = n - start < CHUNK ? n : start + CHUNK;
@@ -267,14 +267,14 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
                 memset(candidate + start, 1, end - start);
             else
                 for (int j = start; j < end; j++)  /* vectorised: no branch */
-                    candidate[j] |= score[j] + loose[r] * s->l1_totals[j] >= floor_[r];
+                    candidate[j] |= score[j] + loose[r] * s->l1_peaks[j] >= floor_[r];
         }
         for (int j = start; j < end; j++)  /* the few that pass: the margin itself, where it passed */
             if (candidate[j]) {
                 int within = 0;
                 for (int r = 0; r < m && !within; r++) {
                     const float score = scores[(int64_t)r * npad + j];
-                    within = keep_all[r] || (score + loose[r] * s->l1_totals[j] >= floor_[r]
+                    within = keep_all[r] || (score + loose[r] * s->l1_peaks[j] >= floor_[r]
                                              && score + margin(s, &rows[r], j, blocks) >= floor_[r]);
                 }
                 candidate[j] = within;

@@ -31,13 +31,13 @@ void paged_extend_attention(
 typedef struct {  /* the head's codes laid out for its screen (greedy_head.c, head_screen_layout) */
     const uint8_t *codes4;               /* [panels][k / 4][16][4]: code + 128 */
     const float *scales, *offsets, *l1;  /* [panels][k / 32][16]; l1: the block's sum of |weight| */
-    const float *l1_totals;              /* [n]: the row's sum of |weight| (of its blocks' l1) */
+    const float *l1_peaks;               /* [n]: the row's largest block l1 */
     int32_t any_offsets;                 /* 0: every offset is 0 (Q8_0), so the screen skips them */
 } head_screen;
 
 int greedy_head_fast(void);
 int head_screen_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k,
-                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_totals);
+                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks);
 void greedy_head(const float *x, int m, const int8_t *codes, const float *scales, const float *offsets,
                  const head_screen *s, int n, int k, int64_t *tokens);
 
