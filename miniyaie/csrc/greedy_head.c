@@ -96,27 +96,39 @@ typedef struct {
     float *reach;     /* [blocks]: delta_b * slack, so margin_j = sum_b reach_b * l1_jb */
 } screened_row;
 
-/* scores[r][0:16] = the screen's scores of panel p's 16 rows for the ROWS x rows (ld floats apart). */
+/* Panel p's part of the screen: its codes (k / 4 words of 16 lanes) and its blocks' scales and offsets. */
+typedef struct {
+    const uint8_t *codes4;
+    const float *scales, *offsets;
+} screen_panel;
+
+static inline screen_panel panel_of(const head_screen *s, int p, int k)
+{
+    const int64_t blocks = k / BLOCK;
+    return (screen_panel){s->codes4 + (int64_t)p * (k / 4) * LANES * 4, s->scales + p * blocks * LANES,
+                          s->offsets + p * blocks * LANES};
+}
+
+/* scores[r][0:16] = the screen's scores of panel p's 16 rows for x rows r < rows <= GROUP (ld floats
+ * apart). With VNNI, one function per row count, so the sums stay in registers. */
 #ifdef __AVX512VNNI__
 #define DEFINE_SCORE_PANEL(ROWS)                                                                   \
-static void score_panel##ROWS(const head_screen *s, int p, int k, const screened_row *x, float *scores, int64_t ld) \
+static void score_panel##ROWS(const head_screen *s, screen_panel pn, int k, const screened_row *x, \
+                              float *scores, int64_t ld)                                           \
 {                                                                                                  \
-    const int blocks = k / BLOCK;                                                                  \
-    const uint8_t *c4 = s->codes4 + (int64_t)p * (k / 4) * LANES * 4;                              \
-    const float *sc = s->scales + (int64_t)p * blocks * LANES, *of = s->offsets + (int64_t)p * blocks * LANES; \
     __m512 acc[ROWS];                                                                              \
     for (int r = 0; r < ROWS; r++)                                                                 \
         acc[r] = _mm512_setzero_ps();                                                              \
-    for (int b = 0; b < blocks; b++) {                                                             \
+    for (int b = 0; b < k / BLOCK; b++) {                                                          \
         __m512i dot[ROWS];                                                                         \
         for (int r = 0; r < ROWS; r++)                                                             \
             dot[r] = _mm512_setzero_si512();                                                       \
         for (int i = 0; i < BLOCK / 4; i++) {  /* 64 unsigned codes times 4 signed q each, per lane */ \
-            const __m512i codes = _mm512_loadu_si512(c4 + ((int64_t)b * (BLOCK / 4) + i) * LANES * 4); \
+            const __m512i codes = _mm512_loadu_si512(pn.codes4 + ((int64_t)b * (BLOCK / 4) + i) * LANES * 4); \
             for (int r = 0; r < ROWS; r++)                                                         \
                 dot[r] = _mm512_dpbusd_epi32(dot[r], codes, _mm512_set1_epi32(x[r].q4[b * (BLOCK / 4) + i])); \
         }                                                                                          \
-        const __m512 scale = _mm512_loadu_ps(sc + b * LANES), offset = _mm512_loadu_ps(of + b * LANES); \
+        const __m512 scale = _mm512_loadu_ps(pn.scales + b * LANES), offset = _mm512_loadu_ps(pn.offsets + b * LANES); \
         for (int r = 0; r < ROWS; r++) {                                                           \
             const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], _mm512_set1_epi32(x[r].qsums[b]))); \
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(x[r].deltas[b])), exact, acc[r]); \
@@ -127,29 +139,6 @@ static void score_panel##ROWS(const head_screen *s, int p, int k, const screened
     for (int r = 0; r < ROWS; r++)                                                                 \
         _mm512_storeu_ps(scores + r * ld, acc[r]);                                                 \
 }
-#else
-#define DEFINE_SCORE_PANEL(ROWS)                                                                   \
-static void score_panel##ROWS(const head_screen *s, int p, int k, const screened_row *x, float *scores, int64_t ld) \
-{                                                                                                  \
-    const int blocks = k / BLOCK;                                                                  \
-    const uint8_t *c4 = s->codes4 + (int64_t)p * (k / 4) * LANES * 4;                              \
-    const float *sc = s->scales + (int64_t)p * blocks * LANES, *of = s->offsets + (int64_t)p * blocks * LANES; \
-    for (int r = 0; r < ROWS; r++) {                                                               \
-        const int8_t *q = (const int8_t *)x[r].q4;                                                 \
-        for (int lane = 0; lane < LANES; lane++) {                                                 \
-            float acc = 0.0f;                                                                      \
-            for (int b = 0; b < blocks; b++) {                                                     \
-                int32_t dot = 0;                                                                   \
-                for (int i = b * BLOCK; i < (b + 1) * BLOCK; i++)                                  \
-                    dot += (int32_t)c4[((int64_t)(i / 4) * LANES + lane) * 4 + i % 4] * q[i];      \
-                acc += sc[b * LANES + lane] * x[r].deltas[b] * (float)(dot - x[r].qsums[b]);       \
-                acc += of[b * LANES + lane] * x[r].offsets[b];                                     \
-            }                                                                                      \
-            scores[r * ld + lane] = acc;                                                           \
-        }                                                                                          \
-    }                                                                                              \
-}
-#endif
 DEFINE_SCORE_PANEL(1)
 DEFINE_SCORE_PANEL(2)
 DEFINE_SCORE_PANEL(3)
@@ -159,10 +148,35 @@ DEFINE_SCORE_PANEL(6)
 DEFINE_SCORE_PANEL(7)
 DEFINE_SCORE_PANEL(8)
 
-typedef void (*score_panel_fn)(const head_screen *, int, int, const screened_row *, float *, int64_t);
-static const score_panel_fn score_panel[GROUP + 1] = {
+typedef void (*score_panel_fn)(const head_screen *, screen_panel, int, const screened_row *, float *, int64_t);
+static const score_panel_fn score_panels[GROUP + 1] = {
     NULL, score_panel1, score_panel2, score_panel3, score_panel4, score_panel5, score_panel6, score_panel7,
     score_panel8};
+
+static void score_panel(const head_screen *s, int p, int k, const screened_row *x, int rows, float *scores, int64_t ld)
+{
+    score_panels[rows](s, panel_of(s, p, k), k, x, scores, ld);
+}
+#else
+static void score_panel(const head_screen *s, int p, int k, const screened_row *x, int rows, float *scores, int64_t ld)
+{
+    const screen_panel pn = panel_of(s, p, k);
+    for (int r = 0; r < rows; r++) {
+        const int8_t *q = (const int8_t *)x[r].q4;
+        for (int lane = 0; lane < LANES; lane++) {
+            float acc = 0.0f;
+            for (int b = 0; b < k / BLOCK; b++) {
+                int32_t dot = 0;
+                for (int i = b * BLOCK; i < (b + 1) * BLOCK; i++)
+                    dot += (int32_t)pn.codes4[((int64_t)(i / 4) * LANES + lane) * 4 + i % 4] * q[i];
+                acc += pn.scales[b * LANES + lane] * x[r].deltas[b] * (float)(dot - x[r].qsums[b]);
+                acc += pn.offsets[b * LANES + lane] * x[r].offsets[b];
+            }
+            scores[r * ld + lane] = acc;
+        }
+    }
+}
+#endif
 
 /* margin_j = sum_b reach_b * l1_jb for one vocabulary row j. */
 static float margin(const head_screen *s, const screened_row *x, int64_t j, int blocks)
@@ -249,7 +263,7 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
     #pragma omp parallel for schedule(guided)
     for (int p = 0; p < panels; p++)
         for (int r = 0; r < m; r += GROUP)
-            score_panel[m - r < GROUP ? m - r : GROUP](s, p, k, rows + r, scores + (int64_t)r * npad + p * LANES, npad);
+            score_panel(s, p, k, rows + r, m - r < GROUP ? m - r : GROUP, scores + (int64_t)r * npad + p * LANES, npad);
     /* floor: the best score's lower bound, which the maximum logit reaches */
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < m; r++) {
