@@ -119,7 +119,7 @@ class CpuForward:
     def run(self, batch: ForwardBatch, greedy: bool = False) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them, or with ``greedy`` (where ``head_screen``
         is) only their argmaxes, int64 [rows]; writes the new K/V into the pool."""
-        if greedy:
+        if greedy:  # the screen is read where it is used, so head_screen may be swapped (the tests do)
             self.ends.screen = ctypes.addressof(self.head_screen.struct)
         a, tokens, rows = self.args, batch.num_tokens, batch.logits_indices.numel()
         heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim

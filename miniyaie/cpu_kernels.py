@@ -217,8 +217,8 @@ def greedy_head(x: torch.Tensor, codes: BlockCodes, screen: HeadScreen) -> torch
     """``linear(x, codes).argmax(-1)`` (its first maximum, from the fp32 kernel's very logits) for
     contiguous fp32 ``x`` [m, k], without most of the logits: an integer screen rules out the tokens
     that cannot be the maximum (``csrc/greedy_head.c``)."""
-    assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32
     n, k = codes.codes.shape
+    assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous() and x.dtype == torch.float32
     tokens = torch.empty(x.shape[0], dtype=torch.int64)
     load_cpu_kernels().greedy_head(x.data_ptr(), x.shape[0], codes.codes.data_ptr(), codes.scales.data_ptr(),
                                    codes.offsets.data_ptr(), ctypes.byref(screen.struct), n, k, tokens.data_ptr())

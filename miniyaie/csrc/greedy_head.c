@@ -59,7 +59,7 @@ int greedy_head_fast(void)
  * 32][16], l1 the block's sum of |weight| (rounded up); l1_peaks [n] the row's largest l1. Returns
  * whether any offset is not 0 (head_screen.any_offsets). */
 int head_screen_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k,
-                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks)
+                       uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks)
 {
     const int panels = (n + LANES - 1) / LANES, blocks = k / BLOCK;
     int any_offsets = 0;

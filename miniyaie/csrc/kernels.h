@@ -27,7 +27,6 @@ void paged_extend_attention(
     float *out, int64_t out_row_stride, int64_t out_head_stride,
     int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale);
 
-
 typedef struct {  /* the head's codes laid out for its screen (greedy_head.c, head_screen_layout) */
     const uint8_t *codes4;               /* [panels][k / 4][16][4]: code + 128 */
     const float *scales, *offsets, *l1;  /* [panels][k / 32][16]; l1: the block's sum of |weight| */
@@ -37,7 +36,7 @@ typedef struct {  /* the head's codes laid out for its screen (greedy_head.c, he
 
 int greedy_head_fast(void);
 int head_screen_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k,
-                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks);
+                       uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks);
 void greedy_head(const float *x, int m, const int8_t *codes, const float *scales, const float *offsets,
                  const head_screen *s, int n, int k, int64_t *tokens);
 
