@@ -297,6 +297,10 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
     int count = 0;
     for (int j = 0; j < n; j++)
         count += candidate[j];
+    if (count == 0) {  /* the best-scoring token always passes; only scores beyond float's range get here */
+        memset(candidate, 1, n);
+        count = n;
+    }
     /* the candidates' logits by the head's own kernel: their codes gathered, every row */
     int *ids = malloc(sizeof(int) * count);
     int8_t *picked = malloc((size_t)count * k);
