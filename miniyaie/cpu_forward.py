@@ -55,8 +55,7 @@ class _DecoderLayer(ctypes.Structure):
 class _ModelEnds(ctypes.Structure):
     """layers.c's ``model_ends``: what a step reads besides its layers."""
 
-    _fields_ = [("embedding", _ptr), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("head", _LinearWeights),
-                ("screen", _ptr)]
+    _fields_ = [("embedding", _ptr), ("cos", _ptr), ("sin", _ptr), ("final_norm", _ptr), ("head", _LinearWeights)]
 
 
 class _StepShape(ctypes.Structure):
@@ -86,7 +85,7 @@ class CpuForward:
         self._scratch = torch.empty(0)  # the steps' buffers, kept for the next step (run)
         self.lib.forward_step.argtypes = [ctypes.POINTER(_ModelEnds), ctypes.POINTER(_DecoderLayer), _i32,
                                           ctypes.POINTER(_StepShape), ctypes.POINTER(StepBatch),
-                                          ctypes.POINTER(_StepBuffers), _ptr, _ptr]
+                                          ctypes.POINTER(_StepBuffers), _ptr, _ptr, _ptr]
         self.lib.forward_step.restype = None
         layer_bytes = kv.k_pool[0].numel() * kv.k_pool.element_size()
         self.layers = (_DecoderLayer * len(model.layers))(*(
@@ -119,8 +118,6 @@ class CpuForward:
     def run(self, batch: ForwardBatch, greedy: bool = False) -> torch.Tensor:
         """The step's logits, as ``model(ctx)`` computes them, or with ``greedy`` (where ``head_screen``
         is) only their argmaxes, int64 [rows]; writes the new K/V into the pool."""
-        if greedy:  # the screen is read where it is used, so head_screen may be swapped (the tests do)
-            self.ends.screen = ctypes.addressof(self.head_screen.struct)
         a, tokens, rows = self.args, batch.num_tokens, batch.logits_indices.numel()
         heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         widths = (a.hidden_size, head_dim, head_dim, a.hidden_size, (heads + 2 * kv_heads) * head_dim,
@@ -136,6 +133,7 @@ class CpuForward:
                            a.rms_norm_eps, head_dim ** -0.5)
         out = torch.empty(rows, dtype=torch.int64) if greedy else torch.empty(rows, self.model.lm_head.out_features)
         self.lib.forward_step(ctypes.byref(self.ends), self.layers, len(self.layers), ctypes.byref(shape),
-                              ctypes.byref(StepBatch.of(batch)), ctypes.byref(buffers),
-                              None if greedy else out.data_ptr(), out.data_ptr() if greedy else None)
+                              ctypes.byref(StepBatch.of(batch)), ctypes.byref(buffers), None if greedy else out.data_ptr(),
+                              ctypes.byref(self.head_screen.struct) if greedy else None,
+                              out.data_ptr() if greedy else None)
         return out

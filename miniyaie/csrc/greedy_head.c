@@ -224,18 +224,6 @@ static int round_row(const float *x, int k, screened_row *row)
     return finite;
 }
 
-/* The first index of the maximum of x[0:n] (sampling.c's argmax's rule). */
-static int first_max(const float *x, int n)
-{
-    float peak = -FLT_MAX;
-    for (int i = 0; i < n; i++)
-        peak = fmaxf(peak, x[i]);
-    int best = 0;
-    while (best < n - 1 && x[best] != peak)
-        best++;
-    return best;
-}
-
 /* tokens[r] = the first argmax over j < n of x[r] . w_j for x [m, k] (k a multiple of 32) and the
  * head's block codes/scales/offsets (linear.c's layout) with their screen (head_screen_layout). */
 void greedy_head(const float *x, int m, const int8_t *codes, const float *scales, const float *offsets,
@@ -267,7 +255,8 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
     /* floor: the best score's lower bound, which the maximum logit reaches */
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < m; r++) {
-        const int best = first_max(scores + (int64_t)r * npad, n);
+        float peak;
+        const int64_t best = first_argmax(scores + (int64_t)r * npad, n, &peak);
         floor_[r] = scores[(int64_t)r * npad + best] - margin(s, &rows[r], best, blocks);
     }
     /* a candidate: a row where its score is within its margin of the floor; tested first on the
@@ -316,8 +305,10 @@ void greedy_head(const float *x, int m, const int8_t *codes, const float *scales
         c++;
     }
     linear(x, NULL, picked, picked_scales, picked_offsets, NULL, logits, m, count, k);
-    for (int r = 0; r < m; r++)
-        tokens[r] = ids[first_max(logits + (int64_t)r * count, count)];
+    for (int r = 0; r < m; r++) {
+        float peak;
+        tokens[r] = ids[first_argmax(logits + (int64_t)r * count, count, &peak)];  /* the sampler's rule */
+    }
     free(rows), free(ints), free(floats), free(scores), free(floor_), free(loose), free(keep_all), free(candidate);
     free(ids), free(picked), free(picked_scales), free(picked_offsets), free(logits);
 }

@@ -34,6 +34,7 @@ typedef struct {  /* the head's codes laid out for its screen (greedy_head.c, he
     int32_t any_offsets;                 /* 0: every offset is 0 (Q8_0), so the screen skips them */
 } head_screen;
 
+int64_t first_argmax(const float *x, int vocab, float *peak_logit);
 int greedy_head_fast(void);
 int head_screen_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k,
                        uint8_t *codes4, float *scales_t, float *offsets_t, float *l1, float *l1_peaks);

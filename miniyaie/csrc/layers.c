@@ -35,7 +35,6 @@ typedef struct {  /* what a step reads besides its layers */
     const float *cos, *sin;               /* rotary tables [positions, head_dim], RotaryEmbedding's layout */
     const float *final_norm;              /* RMSNorm weight */
     linear_weights head;
-    const head_screen *screen;            /* the head's codes for greedy_head, or NULL */
 } model_ends;
 
 typedef struct {
@@ -119,10 +118,11 @@ static void run_layers(const decoder_layer *layers, int num_layers, const step_s
 }
 
 /* logits [num_logits, vocab] for the rows batch->logits_indices name, as the model's forward
- * computes them, or, given greedy_tokens (and m->screen), their argmaxes alone (greedy_head.c);
- * writes the step's K/V into the pool. */
+ * computes them, or, given the head's screen, their argmaxes alone into greedy_tokens
+ * (greedy_head.c); writes the step's K/V into the pool. */
 void forward_step(const model_ends *m, const decoder_layer *layers, int num_layers, const step_shape *s,
-                  const step_batch *batch, const step_buffers *b, float *logits, int64_t *greedy_tokens)
+                  const step_batch *batch, const step_buffers *b, float *logits, const head_screen *screen,
+                  int64_t *greedy_tokens)
 {
     const int hidden = s->hidden, head_dim = s->head_dim;
     for (int t = 0; t < s->tokens; t++) {
@@ -134,8 +134,8 @@ void forward_step(const model_ends *m, const decoder_layer *layers, int num_laye
     for (int i = 0; i < batch->num_logits; i++)
         memcpy(b->final + (int64_t)i * hidden, b->x + batch->logits_indices[i] * hidden, sizeof(float) * hidden);
     rms_norm(b->final, hidden, m->final_norm, b->final, batch->num_logits, hidden, s->eps);  /* row by row: in place is safe */
-    if (greedy_tokens != NULL)
-        greedy_head(b->final, batch->num_logits, m->head.codes, m->head.scales, m->head.offsets, m->screen,
+    if (screen != NULL)
+        greedy_head(b->final, batch->num_logits, m->head.codes, m->head.scales, m->head.offsets, screen,
                     m->head.out_features, hidden, greedy_tokens);
     else
         run_linear(b->final, &m->head, logits, batch->num_logits);

@@ -26,6 +26,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
+
 #define MAX_TOP 64     /* the most alternatives reported (cpu_kernels.MAX_TOP) */
 #define FIRST_TRY 64   /* top-p without top-k first looks for its cut among this many best */
 #define BINS 512       /* ... then by its softmax mass in bins of SPAN / BINS below the peak */
@@ -85,8 +87,9 @@ static inline float scale(float x, float t)
 }
 
 /* The first index of x's maximum (argmax's tie rule), on the logits themselves: dividing by t > 0
- * keeps their order. A row of NaNs has no maximum: then any index, in range. */
-static int64_t argmax(const float *x, int vocab, float *peak_logit)
+ * keeps their order. A row of NaNs has no maximum: then any index, in range. (greedy_head.c's
+ * tokens follow the same rule through it.) */
+int64_t first_argmax(const float *x, int vocab, float *peak_logit)
 {
     float peak = -FLT_MAX;
     for (int i = 0; i < vocab; i++)  /* a plain reduction: vectorised */
@@ -179,7 +182,7 @@ static void sample_row(const float *x, int vocab, float temperature, int64_t top
 {
     const float t = temperature > 0.0f ? temperature : 1.0f;
     float peak_logit;
-    *token = argmax(x, vocab, &peak_logit);  /* filters never remove the maximum */
+    *token = first_argmax(x, vocab, &peak_logit);  /* filters never remove the maximum */
     *logprob = NAN;
     if (greedy && !want_logprob && top == 0)
         return;
