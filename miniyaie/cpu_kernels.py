@@ -122,7 +122,8 @@ class StepBatch(ctypes.Structure):
     _fields_ = [("num_seqs", ctypes.c_int32), ("num_extends", ctypes.c_int32), ("block_tables", ctypes.c_void_p),
                 ("table_stride", ctypes.c_int64), ("seq_lens", ctypes.c_void_p), ("cu_q_lens", ctypes.c_void_p),
                 ("slots", ctypes.c_void_p), ("input_ids", ctypes.c_void_p), ("positions", ctypes.c_void_p),
-                ("logits_indices", ctypes.c_void_p), ("num_logits", ctypes.c_int32)]
+                ("logits_indices", ctypes.c_void_p), ("num_logits", ctypes.c_int32),
+                ("shared_prefix_len", ctypes.c_int32)]
 
     @classmethod
     def of(cls, batch: ForwardBatch) -> StepBatch:
@@ -132,7 +133,8 @@ class StepBatch(ctypes.Structure):
         per_token = (batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
         assert all(t.dtype == torch.int64 and t.is_contiguous() for t in per_token)
         return cls(batch.num_seqs, batch.num_extends, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
-                   cu_q_lens.data_ptr(), *(t.data_ptr() for t in per_token), batch.logits_indices.numel())
+                   cu_q_lens.data_ptr(), *(t.data_ptr() for t in per_token), batch.logits_indices.numel(),
+                   batch.shared_prefix_len)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

@@ -50,17 +50,21 @@ def random_case(rng: random.Random, num_extends: int, num_decodes: int, block_si
 
 def check_backend(name: str, device: str, dtype: torch.dtype, seqs: list[tuple[int, int]],
                   num_heads: int, num_kv_heads: int, block_size: int, seed: int, atol: float,
-                  head_dim: int = 32, strided_q: bool = False) -> None:
+                  head_dim: int = 32, strided_q: bool = False, shared_blocks: int = 0) -> None:
+    """``shared_blocks``: every decoding sequence's table starts with the same blocks (a cached
+    prefix they all share, as a chat burst's system prompt), so its prefix must cover them."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    blocks_needed = [-(-(p + n) // block_size) for p, n in seqs]
-    num_blocks = sum(blocks_needed) + 7
+    decoding = [n == 1 for _, n in seqs]
+    assert all(p >= shared_blocks * block_size for (p, _), d in zip(seqs, decoding) if d)
+    blocks_needed = [-(-(p + n) // block_size) - (shared_blocks if d else 0) for (p, n), d in zip(seqs, decoding)]
+    num_blocks = shared_blocks + sum(blocks_needed) + 7
     # random non-contiguous block tables: a shuffled pool, dealt out to the sequences
     pool_order = list(range(num_blocks))
     rng.shuffle(pool_order)
-    tables, start = [], 0
-    for need in blocks_needed:
-        tables.append(pool_order[start:start + need])
+    tables, start = [], shared_blocks
+    for need, d in zip(blocks_needed, decoding):
+        tables.append((pool_order[:shared_blocks] if d else []) + pool_order[start:start + need])
         start += need
 
     def randn(*shape):
@@ -83,6 +87,8 @@ def check_backend(name: str, device: str, dtype: torch.dtype, seqs: list[tuple[i
 
     batch = ForwardBatch.build([[0] * n for _, n in seqs], [p for p, _ in seqs], tables,
                                [True] * len(seqs), block_size, torch.device(device))
+    if sum(decoding) >= 2:
+        assert batch.shared_prefix_len >= shared_blocks * block_size
     backend = create_backend(name, torch.device(device))
     backend.plan(batch)
     out = backend.forward(q, k, v, k_cache, v_cache, 1 / math.sqrt(head_dim), batch)
@@ -145,6 +151,26 @@ def test_cpu_backend_matches_dense_reference(block_size, gqa, head_dim):
 def test_cpu_backend_edge_layouts(seqs):
     check_backend("cpu", "cpu", torch.float32, seqs, num_heads=6, num_kv_heads=2, block_size=16,
                   seed=3, atol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("block_size", [2, 16, 32])
+@pytest.mark.parametrize("gqa", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [16, 64, 72, 128])
+def test_cpu_decodes_sharing_a_prefix_match_dense_reference(block_size, gqa, head_dim):
+    """The decode kernel takes a prefix every sequence shares once for all of them (16 query
+    heads a vector) when there are heads enough to fill a vector: few and many sequences, lane
+    counts around multiples of 16, prefixes just at and past the shared blocks, extends in front."""
+    for seed, num_decodes in enumerate([2, 5, 6, 8, 16, 17, 33]):
+        rng = random.Random(seed * 1000 + block_size + gqa + head_dim)
+        shared_blocks = rng.choice([1, 3, 200 // block_size])
+        shared = shared_blocks * block_size
+        seqs = [(rng.randrange(0, 40), rng.randrange(2, 9)) for _ in range(rng.randrange(0, 2))]
+        seqs += [(shared + rng.choice([0, 1, block_size - 1, block_size, rng.randrange(0, 60)]), 1)
+                 for _ in range(num_decodes)]
+        check_backend("cpu", "cpu", torch.float32, seqs, num_heads=gqa * 2, num_kv_heads=2,
+                      block_size=block_size, seed=seed, atol=1e-5, head_dim=head_dim,
+                      strided_q=seed % 2 == 1, shared_blocks=shared_blocks)
 
 
 @needs_cpu_kernel

@@ -17,7 +17,7 @@ void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride
 void paged_decode_attention(
     const float *q, int64_t q_row_stride, int64_t q_head_stride,
     const float *k_cache, const float *v_cache,
-    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int32_t shared_len,
     float *out, int64_t out_row_stride, int64_t out_head_stride,
     int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale);
 void paged_extend_attention(

@@ -51,6 +51,7 @@ typedef struct {  /* where the step's tokens go: ForwardBatch's tensors */
     const int64_t *input_ids, *positions; /* [tokens]: in the vocabulary and the rotary tables (the engine checks) */
     const int64_t *logits_indices;        /* [num_logits]: the rows whose logits the step returns */
     int32_t num_logits;
+    int32_t shared_prefix_len;            /* leading tokens every decoding sequence has in the same blocks */
 } step_batch;
 
 typedef struct {  /* per-step scratch, rows = tokens (final: num_logits); reused by every layer */
@@ -84,8 +85,8 @@ void paged_attention(const float *q, int64_t q_row_stride, const float *k_cache,
     if (batch->num_seqs > extends)
         paged_decode_attention(q + extend_rows * q_row_stride, q_row_stride, head_dim, k_cache, v_cache,
                                batch->block_tables + extends * batch->table_stride, batch->table_stride,
-                               batch->seq_lens + extends, out + extend_rows * out_row_stride, out_row_stride,
-                               head_dim, batch->num_seqs - extends, heads, kv_heads, head_dim, block_size, scale);
+                               batch->seq_lens + extends, batch->shared_prefix_len, out + extend_rows * out_row_stride,
+                               out_row_stride, head_dim, batch->num_seqs - extends, heads, kv_heads, head_dim, block_size, scale);
 }
 
 /* b->x [tokens, hidden] is the residual stream after the embedding; on return it is the last
