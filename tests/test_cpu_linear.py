@@ -39,9 +39,11 @@ def expand(codes: BlockCodes) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("in_features,out_features", [(64, 128), (72, 7), (576, 960), (1536, 577), (576, 3072)])
+@pytest.mark.parametrize("in_features,out_features", [(64, 128), (72, 7), (576, 960), (1000, 13), (1536, 577),
+                                                     (576, 3072)])
 def test_cpu_linear_matches_f_linear(in_features, out_features, bias):
-    """fp32 weights without codes: the kernel on the weight as given (edge panels at 7 and 577)."""
+    """fp32 weights without codes: the kernel on the weight as given (edge panels at 7, 13 and 577;
+    1,000 and 1,536 taken along k in chunks, the last one short at 1,000)."""
     gen = torch.Generator().manual_seed(in_features * out_features + bias)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     b = torch.randn(out_features, generator=gen) if bias else None
@@ -70,9 +72,11 @@ def test_block_codes_are_found_exactly_or_not_at_all():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("in_features,out_features", [(32, 1), (96, 5), (576, 960), (1536, 577), (576, 49152)])
+@pytest.mark.parametrize("in_features,out_features", [(32, 1), (96, 5), (576, 960), (800, 7), (1536, 577),
+                                                     (576, 49152)])
 def test_kernel_on_block_codes_matches_f_linear(in_features, out_features, bias):
-    """The C kernel on codes, against F.linear on the fp32 weight they encode (edge panels: 577, 5, 1)."""
+    """The C kernel on codes, against F.linear on the fp32 weight they encode (edge panels: 577, 7, 5,
+    1; k in chunks at 800, the last one a single block, and at 1,536)."""
     gen = torch.Generator().manual_seed(in_features + out_features + bias)
     weight = gguf_weight(out_features, in_features, gen)
     b = torch.randn(out_features, generator=gen) if bias else None

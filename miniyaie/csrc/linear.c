@@ -19,9 +19,12 @@
  * packed fp32 weights) and keeps up with oneDNN at prefill sizes (219 rows: 489 vs 491 ms), so it
  * serves every batch size. With its panel in L1 the 2 x 6 tile runs at 80-87% of the core's
  * multiply-add peak; at 16 rows in a real step the products run at ~50% of it, and expanding the codes
- * is most of the difference (packing Q4_1's codes two to a byte, other tile shapes, cutting k into
- * chunks and expanding between tiles were all slower: benchmarks/RESULTS.md). Up to 8 rows take a
- * path without the buffer (few_rows, below).
+ * is most of the difference (packing Q4_1's codes two to a byte, other tile shapes and expanding
+ * between tiles were all slower: benchmarks/RESULTS.md). A panel longer than KC along k (the down
+ * projection's 1,536) is taken a chunk of k at a time, each tile adding to what the last chunk left,
+ * so that the panel stays in L1 beside the x rows going by (6 x 1,536 floats are 36 KB, more than
+ * the Zen 4 dev machine's 32 KB of L1): its down projections 7.0 -> 6.0 ms a 16-row step, 161 -> 142
+ * ms over a chat burst's prefill. Up to 8 rows take a path without the buffer (few_rows, below).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,6 +39,7 @@
 #define BLOCK 32  /* weights per (scale, offset) */
 #define MR 2      /* x rows per tile */
 #define NR 6      /* weight rows per tile (a panel) */
+#define KC 768    /* the most of k a panel takes at once (a multiple of BLOCK) */
 
 /* out = scale * code + offset for one row of k weights. With AVX-512, 16 at a time in intrinsics:
  * GCC vectorises the plain loop 8 wide even there; the wider expansion makes 16-row products
@@ -66,10 +70,11 @@ static void expand_row(const int8_t *codes, const float *scales, const float *of
 #define KEEP_IN_REGISTER(v) ((void)0)
 #endif
 
-/* y[r, c] = x[r] . w[c] (+ bias[c]) for r < ROWS x rows (stride ldx) and c < NR weight rows of k. */
+/* y[r, c] = x[r] . w[c] for r < ROWS x rows (stride ldx) and c < NR weight rows (stride ldw), over
+ * k: plus bias[c] (or nothing), or, to accumulate a product cut along k, plus y[r, c]. */
 #define DEFINE_TILE(ROWS)                                                                          \
-static inline void tile##ROWS(const float *x, int64_t ldx, const float *w, int k,                  \
-                              float *y, int64_t ldy, const float *bias)                            \
+static inline void tile##ROWS(const float *x, int64_t ldx, const float *w, int ldw, int k,        \
+                              float *y, int64_t ldy, const float *bias, int accumulate)            \
 {                                                                                                  \
     v8f acc[ROWS][NR];                                                                             \
     for (int r = 0; r < ROWS; r++)                                                                 \
@@ -80,7 +85,7 @@ static inline void tile##ROWS(const float *x, int64_t ldx, const float *w, int k
         for (int r = 0; r < ROWS; r++)                                                             \
             xs[r] = load8(x + r * ldx + i);                                                        \
         for (int c = 0; c < NR; c++) {                                                             \
-            v8f wv = load8(w + (int64_t)c * k + i);                                                \
+            v8f wv = load8(w + (int64_t)c * ldw + i);                                              \
             KEEP_IN_REGISTER(wv);                                                                  \
             for (int r = 0; r < ROWS; r++)                                                         \
                 acc[r][c] += xs[r] * wv;                                                           \
@@ -88,7 +93,7 @@ static inline void tile##ROWS(const float *x, int64_t ldx, const float *w, int k
     }                                                                                              \
     for (int r = 0; r < ROWS; r++)                                                                 \
         for (int c = 0; c < NR; c++)                                                               \
-            y[r * ldy + c] = sum8(acc[r][c]) + (bias ? bias[c] : 0.0f);                            \
+            y[r * ldy + c] = sum8(acc[r][c]) + (accumulate ? y[r * ldy + c] : bias ? bias[c] : 0.0f); \
 }
 DEFINE_TILE(1)
 DEFINE_TILE(2)
@@ -170,11 +175,13 @@ void linear(const float *x, const float *weight, const int8_t *codes, const floa
     }
 #endif
     const int panels = (n + NR - 1) / NR, blocks = k / BLOCK;
+    const int kc = k > KC ? KC : k;  /* a panel's length along k: NR x KC floats stay in L1 beside x's rows */
     #pragma omp parallel
     {
         /* a panel expanded from codes, or an edge panel; aligned so no vector load straddles two cache lines */
-        float *buffer = aligned_alloc(64, sizeof(float) * NR * k);
-        float edge[MR * NR];                             /* a tile's results where the panel is cut short */
+        float *buffer = aligned_alloc(64, sizeof(float) * NR * kc);
+        /* every row's results where the panel is cut short (the last one), kept across k's chunks */
+        float *edge = malloc(sizeof(float) * ((m + MR - 1) / MR) * MR * NR);
         /* guided: large runs of panels first, smaller ones as the threads near the end, so that the
          * thread finishing first takes the other's last panels. The two vCPUs of the dev machine
          * do not run at one speed (which one lags changes from minute to minute): with halves
@@ -183,51 +190,60 @@ void linear(const float *x, const float *weight, const int8_t *codes, const floa
         #pragma omp for schedule(guided)
         for (int p = 0; p < panels; p++) {
             const int j0 = p * NR, rows = n - j0 < NR ? n - j0 : NR;
-            const float *w = buffer;
-            if (codes == NULL && rows == NR) {
-                w = weight + (int64_t)j0 * k;
-            } else {
-                for (int c = 0; c < NR; c++) {
-                    const int64_t j = j0 + c;
-                    if (c >= rows)
-                        memset(buffer + c * k, 0, sizeof(float) * k);
-                    else if (codes == NULL)
-                        memcpy(buffer + c * k, weight + j * k, sizeof(float) * k);
-                    else
-                        expand_row(codes + j * k, scales + j * blocks, offsets + j * blocks, buffer + c * k, k);
-                }
-            }
-            /* The next panel's weight bytes are fetched from memory a share per tile, so that expanding
-             * it does not start by waiting on memory: the weights are read in bursts (a panel, then
-             * ~1 us of products), which the hardware prefetcher does not run far enough ahead of.
-             * 4-9% over SmolLM2's weights at 16-64 rows (session 5's prefetch of whole panels, issued
-             * at once, gained nothing). The next panel is this thread's own except at the end of one of
-             * its guided runs, where the fetch serves the other thread or goes unused. */
+            /* The next panel's weight bytes are fetched from memory a share per tile (of k's last
+             * chunk), so that expanding it does not start by waiting on memory: the weights are read
+             * in bursts (a panel, then ~1 us of products), which the hardware prefetcher does not
+             * run far enough ahead of. 4-9% over SmolLM2's weights at 16-64 rows (session 5's
+             * prefetch of whole panels, issued at once, gained nothing). The next panel is this
+             * thread's own except at the end of one of its guided runs, where the fetch serves the
+             * other thread or goes unused. */
             const int next_rows = n - j0 - NR < NR ? n - j0 - NR : NR;  /* <= 0 after the last panel */
             const int64_t next_bytes = next_rows > 0 ? (int64_t)next_rows * k * (codes ? 1 : sizeof(float)) : 0;
             const char *next = next_bytes == 0 ? NULL
                              : codes ? (const char *)(codes + (int64_t)(j0 + NR) * k)
                                      : (const char *)(weight + (int64_t)(j0 + NR) * k);
             const int tiles = (m + MR - 1) / MR;
-            for (int r = 0; r < m; r += MR) {
-                for (int64_t at = next_bytes * (r / MR) / tiles / 64 * 64; at < next_bytes * (r / MR + 1) / tiles; at += 64)
-                    __builtin_prefetch(next + at);
-                const float *xr = x + (int64_t)r * k;
-                const int tile_rows = m - r < MR ? m - r : MR;
-                float *out = rows == NR ? y + (int64_t)r * n + j0 : edge;
-                const int64_t ldy = rows == NR ? n : NR;
-                const float *b = bias && rows == NR ? bias + j0 : NULL;
-                if (tile_rows == 2)
-                    tile2(xr, k, w, k, out, ldy, b);
-                else
-                    tile1(xr, k, w, k, out, ldy, b);
-                if (rows < NR)
-                    for (int tr = 0; tr < tile_rows; tr++)
-                        for (int c = 0; c < rows; c++)
-                            y[(int64_t)(r + tr) * n + j0 + c] = edge[tr * NR + c] + (bias ? bias[j0 + c] : 0.0f);
+            for (int k0 = 0; k0 < k; k0 += kc) {
+                const int len = k - k0 < kc ? k - k0 : kc, last_chunk = k0 + len == k;
+                const float *w = buffer;
+                int ldw = len;
+                if (codes == NULL && rows == NR) {
+                    w = weight + (int64_t)j0 * k + k0;
+                    ldw = k;
+                } else {
+                    for (int c = 0; c < NR; c++) {
+                        const int64_t j = j0 + c;
+                        if (c >= rows)
+                            memset(buffer + c * len, 0, sizeof(float) * len);
+                        else if (codes == NULL)
+                            memcpy(buffer + c * len, weight + j * k + k0, sizeof(float) * len);
+                        else
+                            expand_row(codes + j * k + k0, scales + j * blocks + k0 / BLOCK,
+                                       offsets + j * blocks + k0 / BLOCK, buffer + c * len, len);
+                    }
+                }
+                for (int r = 0; r < m; r += MR) {
+                    if (last_chunk)
+                        for (int64_t at = next_bytes * (r / MR) / tiles / 64 * 64; at < next_bytes * (r / MR + 1) / tiles; at += 64)
+                            __builtin_prefetch(next + at);
+                    const float *xr = x + (int64_t)r * k + k0;
+                    const int tile_rows = m - r < MR ? m - r : MR;
+                    float *out = rows == NR ? y + (int64_t)r * n + j0 : edge + (int64_t)r * NR;
+                    const int64_t ldy = rows == NR ? n : NR;
+                    const float *b = bias && rows == NR ? bias + j0 : NULL;
+                    if (tile_rows == 2)
+                        tile2(xr, k, w, ldw, len, out, ldy, b, k0 > 0);
+                    else
+                        tile1(xr, k, w, ldw, len, out, ldy, b, k0 > 0);
+                    if (rows < NR && last_chunk)
+                        for (int tr = 0; tr < tile_rows; tr++)
+                            for (int c = 0; c < rows; c++)
+                                y[(int64_t)(r + tr) * n + j0 + c] = out[tr * NR + c] + (bias ? bias[j0 + c] : 0.0f);
+                }
             }
         }
         free(buffer);
+        free(edge);
     }
 }
 
