@@ -102,12 +102,12 @@ static void block_values(const float *p, const float *v_rows, int64_t row, int n
 }
 
 /* Fetches one KV head's rows of a block (the next one a loop reads) into L2 while the current one
- * is worked on: K/V come from memory (a step streams ~135 MB of weights through the caches between
+ * is worked on (here and in paged_extend_attention.c): K/V come from memory (a step streams ~135 MB of weights through the caches between
  * two reads of a layer's pool), and the hardware does not run ahead across blocks, which are
  * scattered. Into L2, not L1: fetches into L1 made decode attention slower (as they did the
  * greedy head's screen); into L2 the chat burst's decode attention takes 0.80-0.84x the time. */
-static void prefetch_block(const float *k_cache, const float *v_cache, int64_t block, int64_t row, int64_t head_offset,
-                           int block_size, int head_dim)
+void prefetch_block(const float *k_cache, const float *v_cache, int64_t block, int64_t row, int64_t head_offset,
+                    int block_size, int head_dim)
 {
     const int64_t first = block * block_size * row + head_offset;
     for (int t = 0; t < block_size; t++)

@@ -137,29 +137,38 @@ void paged_extend_attention(
                     const int64_t block = block_tables[b * table_stride + key0 / block_size];
                     const float *k_rows = k_cache + block * block_size * row + (int64_t)j * head_dim;
                     const float *v_rows = v_cache + block * block_size * row + (int64_t)j * head_dim;
+                    if (key0 + block_size < len)
+                        prefetch_block(k_cache, v_cache, block_tables[b * table_stride + key0 / block_size + 1], row,
+                                       (int64_t)j * head_dim, block_size, head_dim);
                     tile_scores(qt, k_rows, row, n, block_size, head_dim, s);
                     if (key0 + n - 1 > start_pos)  /* some key here is past some row's position */
                         for (int t = 0; t < n; t++)
                             for (int lane = 0; lane < LANES; lane++)
                                 s[t * LANES + lane] = (float)(key0 + t) > pos[lane] ? MASKED : s[t * LANES + lane];
-                    float rescale[LANES];
-                    for (int lane = 0; lane < LANES; lane++) {
-                        float block_max = MASKED;
-                        for (int t = 0; t < n; t++)
-                            block_max = s[t * LANES + lane] > block_max ? s[t * LANES + lane] : block_max;
-                        const float new_max = block_max > running_max[lane] ? block_max : running_max[lane];
-                        rescale[lane] = expf(running_max[lane] - new_max);
-                        running_max[lane] = new_max;
-                    }
+                    /* the online softmax, every loop across the lanes (vectors), not along a lane */
+                    float rescale[LANES], sum[LANES];
+                    for (int lane = 0; lane < LANES; lane++)
+                        rescale[lane] = running_max[lane];  /* the block's new maximum, first */
                     for (int t = 0; t < n; t++)
                         for (int lane = 0; lane < LANES; lane++)
-                            s[t * LANES + lane] = expf(s[t * LANES + lane] - running_max[lane]);
+                            rescale[lane] = s[t * LANES + lane] > rescale[lane] ? s[t * LANES + lane] : rescale[lane];
                     for (int lane = 0; lane < LANES; lane++) {
-                        float sum = 0.0f;
-                        for (int t = 0; t < n; t++)
-                            sum += s[t * LANES + lane];
-                        denom[lane] = denom[lane] * rescale[lane] + sum;
+                        const float new_max = rescale[lane];
+                        rescale[lane] = running_max[lane] - new_max;  /* its exp, below */
+                        running_max[lane] = new_max;
+                        sum[lane] = 0.0f;
                     }
+                    #pragma omp simd  /* vector exps (libmvec); left alone, GCC unrolls 16 scalar expf calls */
+                    for (int lane = 0; lane < LANES; lane++)
+                        rescale[lane] = expf(rescale[lane]);
+                    for (int t = 0; t < n; t++)
+                        #pragma omp simd
+                        for (int lane = 0; lane < LANES; lane++) {
+                            s[t * LANES + lane] = expf(s[t * LANES + lane] - running_max[lane]);
+                            sum[lane] += s[t * LANES + lane];
+                        }
+                    for (int lane = 0; lane < LANES; lane++)
+                        denom[lane] = denom[lane] * rescale[lane] + sum[lane];
                     for (int d = 0; d < head_dim; d++)
                         for (int lane = 0; lane < LANES; lane++)
                             acc[d * LANES + lane] *= rescale[lane];
