@@ -23,7 +23,7 @@
  * prompt) is first attended for all of them at once, 16 query heads to a vector
  * (shared_prefix_lanes, below), and each sequence's task starts from that state, its running
  * maximum, denominator and sums, instead of from nothing: cascade attention, as the GPU's Triton
- * kernels do it. On the chat burst (176 shared tokens of ~240) decode attention 5.0 -> 4.5 ms a step.
+ * kernels do it. On the chat burst (176 shared tokens of ~240) ~0.3-0.5 ms of a ~4.7 ms step's attention.
  */
 #include <math.h>
 #include <stdint.h>
