@@ -20,8 +20,11 @@ void paged_decode_attention(
     const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int32_t shared_len,
     float *out, int64_t out_row_stride, int64_t out_head_stride,
     int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale);
-void prefetch_block(const float *k_cache, const float *v_cache, int64_t block, int64_t row, int64_t head_offset,
-                    int block_size, int head_dim);
+typedef struct {  /* one KV head's rows of a block: K and V */
+    const float *k, *v;
+} kv_rows;
+kv_rows block_rows(const float *k_cache, const float *v_cache, const int32_t *table, int64_t start, int64_t len,
+                   int64_t row, int head, int head_dim, int block_size);
 void paged_extend_attention(
     const float *q, int64_t q_row_stride, int64_t q_head_stride,
     const float *k_cache, const float *v_cache,

@@ -101,20 +101,27 @@ static void block_values(const float *p, const float *v_rows, int64_t row, int n
     }
 }
 
-/* Fetches one KV head's rows of a block (the next one a loop reads) into L2 while the current one
- * is worked on (here and in paged_extend_attention.c): K/V come from memory (a step streams ~135 MB of weights through the caches between
- * two reads of a layer's pool), and the hardware does not run ahead across blocks, which are
- * scattered. Into L2, not L1: fetches into L1 made decode attention slower (as they did the
- * greedy head's screen); into L2 the chat burst's decode attention takes 0.80-0.84x the time. */
-void prefetch_block(const float *k_cache, const float *v_cache, int64_t block, int64_t row, int64_t head_offset,
-                    int block_size, int head_dim)
+/* KV head `head`'s K and V rows in the block that holds token `start` of a sequence (its block
+ * table; `len` tokens), row floats apart. The next block's rows are fetched into L2 meanwhile: K/V
+ * come from memory (a step streams ~135 MB of weights through the caches between two reads of a
+ * layer's pool), and the hardware does not run ahead across blocks, which are scattered. Into L2,
+ * not L1: fetches into L1 made decode attention slower (as they did the greedy head's screen); into
+ * L2 the chat burst's decode attention takes 0.80-0.84x the time. Shared with
+ * paged_extend_attention.c. */
+kv_rows block_rows(const float *k_cache, const float *v_cache, const int32_t *table, int64_t start, int64_t len,
+                   int64_t row, int head, int head_dim, int block_size)
 {
-    const int64_t first = block * block_size * row + head_offset;
-    for (int t = 0; t < block_size; t++)
-        for (int d = 0; d < head_dim; d += 16) {  /* a cache line holds 16 floats */
-            __builtin_prefetch(k_cache + first + t * row + d, 0, 2);
-            __builtin_prefetch(v_cache + first + t * row + d, 0, 2);
-        }
+    const int64_t offset = (int64_t)head * head_dim;
+    if (start + block_size < len) {
+        const int64_t next = (int64_t)table[start / block_size + 1] * block_size * row + offset;
+        for (int t = 0; t < block_size; t++)
+            for (int d = 0; d < head_dim; d += 16) {  /* a cache line holds 16 floats */
+                __builtin_prefetch(k_cache + next + t * row + d, 0, 2);
+                __builtin_prefetch(v_cache + next + t * row + d, 0, 2);
+            }
+    }
+    const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+    return (kv_rows){k_cache + first, v_cache + first};
 }
 
 /* The prefix's heads go across a vector's lanes: a score is one key's element times a vector of
@@ -156,12 +163,8 @@ static void shared_prefix_lanes(
     memset(acc, 0, sizeof(float) * head_dim * LANES);
     v16f running_max = (v16f){0} - 1e30f, denom = (v16f){0};
     for (int start = 0; start < shared; start += block_size) {
-        const int64_t block = table[start / block_size];
-        const float *k_rows = k_cache + block * block_size * row + (int64_t)kv_head * head_dim;
-        const float *v_rows = v_cache + block * block_size * row + (int64_t)kv_head * head_dim;
-        if (start + block_size < shared)
-            prefetch_block(k_cache, v_cache, table[start / block_size + 1], row, (int64_t)kv_head * head_dim,
-                           block_size, head_dim);
+        const kv_rows rows = block_rows(k_cache, v_cache, table, start, shared, row, kv_head, head_dim, block_size);
+        const float *k_rows = rows.k, *v_rows = rows.v;
         int t = 0;
         for (; t + 16 <= block_size; t += 16) {  /* 16 keys' scores at a time: 16 vectors of sums in registers */
             v16f s[16] = {{0}};
@@ -278,12 +281,9 @@ void paged_decode_attention(
                 const int64_t len = seq_lens[b];
                 for (int64_t start = shared; start < len; start += block_size) {
                     const int n = (int)(len - start < block_size ? len - start : block_size);
-                    const int64_t block = block_tables[b * table_stride + start / block_size];
-                    const float *k_rows = k_cache + block * block_size * row + (int64_t)j * head_dim;
-                    const float *v_rows = v_cache + block * block_size * row + (int64_t)j * head_dim;
-                    if (start + block_size < len)
-                        prefetch_block(k_cache, v_cache, block_tables[b * table_stride + start / block_size + 1], row,
-                                       (int64_t)j * head_dim, block_size, head_dim);
+                    const kv_rows rows = block_rows(k_cache, v_cache, block_tables + b * table_stride, start, len, row, j,
+                                                    head_dim, block_size);
+                    const float *k_rows = rows.k, *v_rows = rows.v;
                     for (int g = 0; g < group; g++) {
                         block_scores(qs[g], k_rows, row, n, head_dim, scores[g]);
                         float block_max = -1e30f;

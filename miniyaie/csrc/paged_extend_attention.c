@@ -13,6 +13,7 @@
  *
  * Built at run time by miniyaie/cpu_kernels.py with -O3 -march=native -ffast-math. No infinities
  * are used (fast-math assumes none): masked scores are -1e30, whose exponent underflows to 0.
+ * Blocks are read through block_rows (paged_decode_attention.c), which fetches the next one into L2.
  */
 #include <math.h>
 #include <stdint.h>
@@ -134,12 +135,9 @@ void paged_extend_attention(
                 const int64_t len = start_pos + tokens;  /* keys the tile's last token sees */
                 for (int64_t key0 = 0; key0 < len; key0 += block_size) {
                     const int n = (int)(len - key0 < block_size ? len - key0 : block_size);
-                    const int64_t block = block_tables[b * table_stride + key0 / block_size];
-                    const float *k_rows = k_cache + block * block_size * row + (int64_t)j * head_dim;
-                    const float *v_rows = v_cache + block * block_size * row + (int64_t)j * head_dim;
-                    if (key0 + block_size < len)
-                        prefetch_block(k_cache, v_cache, block_tables[b * table_stride + key0 / block_size + 1], row,
-                                       (int64_t)j * head_dim, block_size, head_dim);
+                    const kv_rows rows = block_rows(k_cache, v_cache, block_tables + b * table_stride, key0, len, row, j,
+                                                    head_dim, block_size);
+                    const float *k_rows = rows.k, *v_rows = rows.v;
                     tile_scores(qt, k_rows, row, n, block_size, head_dim, s);
                     if (key0 + n - 1 > start_pos)  /* some key here is past some row's position */
                         for (int t = 0; t < n; t++)
