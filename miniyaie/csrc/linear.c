@@ -18,9 +18,10 @@
  * AVX2 dev machine it runs SmolLM2-135M's weights at 16 rows in ~45-55 ms (oneDNN: 75-110 ms on
  * packed fp32 weights) and keeps up with oneDNN at prefill sizes (219 rows: 489 vs 491 ms), so it
  * serves every batch size. With its panel in L1 the 2 x 6 tile runs at 80-87% of the core's
- * multiply-add peak; at 16 rows in a real step the products ran at ~50% of it there (65-73% on the Zen 4
- * machine that followed), and expanding the codes is most of the difference (packing Q4_1's codes two to a byte, other tile shapes and expanding
- * between tiles were all slower: benchmarks/RESULTS.md). A panel longer than KC along k (the down
+ * multiply-add peak; at 16 rows in a real step the products ran at ~50% of it there (65-73% on the
+ * Zen 4 machine that followed), and expanding the codes is most of the difference (packing Q4_1's
+ * codes two to a byte, other tile shapes and expanding between tiles were all slower:
+ * benchmarks/RESULTS.md). A panel longer than KC along k (the down
  * projection's 1,536) is taken a chunk of k at a time, each tile adding to what the last chunk left,
  * so that the panel stays in L1 beside the x rows going by (6 x 1,536 floats are 36 KB, more than
  * the Zen 4 dev machine's 32 KB of L1): its down projections 7.0 -> 6.0 ms a 16-row step, 161 -> 142
