@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from miniyaie.attention.batch import ForwardBatch
-from miniyaie.cpu_kernels import (BlockCodes, HeadScreen, StepBatch, kernel_supports, load_cpu_kernels, pointer,
-                                  screens_greedy_head, weight_pointers)
+from miniyaie.cpu_kernels import (BlockCodes, HeadScreen, Q4Panels, StepBatch, kernel_supports, load_cpu_kernels,
+                                  pointer, screens_greedy_head, weight_pointers)
 from miniyaie.cpu_linear import CpuLinear
 from miniyaie.kv_cache import KVCacheManager
 from miniyaie.model import DecoderLayer, LlamaFamilyModel
@@ -34,15 +34,18 @@ _ptr, _i32, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
 
 
 class _LinearWeights(ctypes.Structure):
-    """layers.c's ``linear_weights``: fp32 rows, or else block codes."""
+    """layers.c's ``linear_weights``: fp32 rows, block codes, or Q4_1's codes laid out for ``linear_q4``."""
 
-    _fields_ = [("weight", _ptr), ("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("bias", _ptr),
-                ("out_features", _i32), ("in_features", _i32)]
+    _fields_ = [("weight", _ptr), ("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("q4", Q4Panels.Struct),
+                ("bias", _ptr), ("out_features", _i32), ("in_features", _i32)]
 
     @classmethod
     def of(cls, layer: CpuLinear) -> _LinearWeights:
-        return cls(*weight_pointers(layer.kernel_weight), pointer(layer.bias),
-                   layer.out_features, layer.in_features)
+        w = layer.kernel_weight
+        if isinstance(w, Q4Panels):
+            return cls(q4=w.struct, bias=pointer(layer.bias), out_features=layer.out_features,
+                       in_features=layer.in_features)
+        return cls(*weight_pointers(w), Q4Panels.Struct(), pointer(layer.bias), layer.out_features, layer.in_features)
 
 
 class _DecoderLayer(ctypes.Structure):

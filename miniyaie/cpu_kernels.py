@@ -5,7 +5,8 @@ compiler into one library, cached, and called through ctypes on torch tensors' m
   backend): extending sequences through ``paged_extend_attention``, decoding ones through
   ``paged_decode_attention``; ``write_kv`` stores a step's new K/V rows into their slots.
 - ``linear``: every fp32 Linear on the CPU, decode steps and prefill chunks (``CpuLinear``), on
-  fp32 weights or on their exact block codes (``find_block_codes``).
+  fp32 weights or on their exact block codes (``find_block_codes``); Q4_1's codes, laid out by
+  ``q4_panels``, multiply in integers where the CPU has AVX-512 VNNI (``linear_q4.c``).
 - ``rms_norm``, ``silu_and_mul``, ``rotary``: the small ops between the matrix products, one call
   each instead of several torch ops (``miniyaie/model.py`` uses them for fp32 on the CPU).
 - ``sample_rows``: the sampling pipeline — temperature, top-k, top-p, min-p, the token, its
@@ -89,6 +90,11 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
     lib.linear.restype = None
     lib.find_block_codes.argtypes = [ptr, i32, i32, ptr, ptr, ptr]
     lib.find_block_codes.restype = i32
+    lib.q4_products_fast.restype = i32
+    lib.q4_layout.argtypes = [ptr, ptr, ptr, i32, i32, Q4Panels.Struct]
+    lib.q4_layout.restype = i32
+    lib.linear_q4.argtypes = [ptr, Q4Panels.Struct, ptr, ptr, i32, i32, i32]
+    lib.linear_q4.restype = None
     lib.rms_norm.argtypes = [ptr, i64, ptr, ptr, i32, i32, ctypes.c_float]
     lib.silu_and_mul.argtypes = [ptr, ptr, i32, i32]
     lib.rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i32, i32, i32]
@@ -185,6 +191,44 @@ def find_block_codes(weight: torch.Tensor) -> BlockCodes | None:
     return codes if exact else None
 
 
+@dataclass(frozen=True)
+class Q4Panels:
+    """A weight's Q4_1 block codes (every code in [0, 15]) laid out for ``linear_q4``
+    (``csrc/linear_q4.c``): 16 weight rows side by side, their codes 4 along k at a time, and per
+    block their scales and offsets; rows padded to a multiple of 32 with zeros. As many bytes as the
+    codes. ``struct`` is the C ``q4_panels``, pointing into these tensors."""
+
+    class Struct(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_void_p) for name in ("codes", "scales", "offsets")]
+
+    codes: torch.Tensor    # uint8 [panels, k // 4, 16, 4]
+    scales: torch.Tensor   # fp32 [panels, k // 32, 16]
+    offsets: torch.Tensor  # fp32 [panels, k // 32, 16]
+    out_features: int
+
+    @property
+    def struct(self) -> Q4Panels.Struct:
+        return self.Struct(self.codes.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr())
+
+
+def q4_panels(codes: BlockCodes) -> Q4Panels | None:
+    """``codes`` laid out for ``linear_q4``, or None when some code is outside Q4_1's [0, 15]."""
+    n, k = codes.codes.shape
+    panels, blocks = -(-n // 32) * 2, k // BLOCK_CODE_SIZE
+    q4 = Q4Panels(torch.empty(panels, k // 4, GREEDY_LANES, 4, dtype=torch.uint8),
+                  torch.empty(panels, blocks, GREEDY_LANES), torch.empty(panels, blocks, GREEDY_LANES), n)
+    fits = load_cpu_kernels().q4_layout(codes.codes.data_ptr(), codes.scales.data_ptr(), codes.offsets.data_ptr(),
+                                        n, k, q4.struct)
+    return q4 if fits else None
+
+
+def multiplies_q4_codes_fast() -> bool:
+    """Whether ``linear_q4`` beats the fp32 kernel on Q4_1 codes here: it takes AVX-512 VNNI (without
+    it the same arithmetic runs in plain C, for the tests)."""
+    lib = load_cpu_kernels()
+    return lib is not None and bool(lib.q4_products_fast())
+
+
 class HeadScreen:
     """A head's block codes laid out for ``greedy_head``'s integer screen (``csrc/greedy_head.c``):
     16 vocabulary rows side by side, their codes 4 at a time as unsigned bytes (code + 128), and
@@ -232,6 +276,9 @@ def pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+KernelWeight = torch.Tensor | BlockCodes | Q4Panels  # what the C Linears read: fp32 rows or codes
+
+
 def weight_pointers(weight: torch.Tensor | BlockCodes) -> tuple[int | None, int | None, int | None, int | None]:
     """The C ``linear``'s (weight, codes, scales, offsets) arguments for a contiguous fp32 weight
     (the last three None) or for its ``BlockCodes`` (the first None)."""
@@ -241,10 +288,15 @@ def weight_pointers(weight: torch.Tensor | BlockCodes) -> tuple[int | None, int 
     return weight.data_ptr(), None, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | BlockCodes, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for contiguous fp32 ``x`` [m, k], with k a multiple of 8 and
-    ``weight`` contiguous fp32 [n, k] or its ``BlockCodes``."""
+    ``weight`` contiguous fp32 [n, k], its ``BlockCodes`` or its ``Q4Panels``."""
     assert x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32 and x.shape[1] % 8 == 0
+    if isinstance(weight, Q4Panels):
+        y = torch.empty(x.shape[0], weight.out_features)
+        load_cpu_kernels().linear_q4(x.data_ptr(), weight.struct, pointer(bias), y.data_ptr(), x.shape[0],
+                                     weight.out_features, x.shape[1])
+        return y
     n = (weight.codes if isinstance(weight, BlockCodes) else weight).shape[0]
     y = torch.empty(x.shape[0], n)
     load_cpu_kernels().linear(x.data_ptr(), *weight_pointers(weight), pointer(bias),

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miniyaie.cpu_kernels import BlockCodes, find_block_codes, linear, load_cpu_kernels
+from miniyaie.cpu_kernels import (BlockCodes, KernelWeight, Q4Panels, find_block_codes, linear, load_cpu_kernels,
+                                  multiplies_q4_codes_fast, q4_panels)
 
 
 class CpuLinear(nn.Module):
@@ -42,7 +43,7 @@ class CpuLinear(nn.Module):
         super().__init__()
         assert self.supports(weight), "CpuLinear needs the C kernels and in_features a multiple of 8"
         self.out_features, self.in_features = weight.shape
-        self.kernel_weight: torch.Tensor | BlockCodes = find_block_codes(weight) or weight.detach().contiguous()
+        self.kernel_weight: KernelWeight = kernel_weight(weight)
         self.bias = None if bias is None else bias.detach().clone()
 
     @staticmethod
@@ -55,8 +56,18 @@ class CpuLinear(nn.Module):
         return linear(rows, self.kernel_weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "block codes" if isinstance(self.kernel_weight, BlockCodes) else "fp32"
+        kind = ("Q4_1 codes, integer products" if isinstance(self.kernel_weight, Q4Panels)
+                else "block codes" if isinstance(self.kernel_weight, BlockCodes) else "fp32")
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kind}"
+
+
+def kernel_weight(weight: torch.Tensor) -> KernelWeight:
+    """What the C kernels read for ``weight``: its Q4_1 codes laid out for the integer products where
+    those are fast here, else its block codes, else the fp32 weight itself."""
+    codes = find_block_codes(weight)
+    if codes is None:
+        return weight.detach().contiguous()
+    return (multiplies_q4_codes_fast() and q4_panels(codes)) or codes
 
 
 def use_cpu_linears(model: nn.Module) -> nn.Module:

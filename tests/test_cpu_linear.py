@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniyaie.cpu_kernels import BlockCodes, find_block_codes, linear
+from miniyaie.cpu_kernels import BlockCodes, Q4Panels, find_block_codes, linear, multiplies_q4_codes_fast, q4_panels
 from miniyaie.cpu_linear import CpuLinear, use_cpu_linears
 from miniyaie.model import LlamaFamilyModel, ModelArgs
 
@@ -95,6 +95,58 @@ def test_every_batch_size_takes_the_kernel_on_codes():
     for m in (1, 16, 49, 300):  # decode batches and prefill chunks alike
         x = torch.randn(m, 64, generator=gen)
         torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def rows_to_multiply(m: int, k: int, gen: torch.Generator, outliers: float) -> torch.Tensor:
+    """x rows as a model makes them: a few channels larger than the rest by ``outliers`` (the residual
+    stream's); from 4 rows on, a row of zeros, one of tiny values and one of huge ones."""
+    x = torch.randn(m, k, generator=gen)
+    x[:, 3::97] *= outliers
+    if m >= 4:
+        x[1] = 0.0
+        x[2] *= 1e-20
+        x[3] *= 1e15
+    return x
+
+
+@pytest.mark.parametrize("in_features,out_features", [(32, 1), (64, 31), (576, 960), (576, 33), (1536, 577),
+                                                     (96, 64)])
+def test_integer_products_on_q4_codes_keep_fp32s_precision(in_features, out_features):
+    """linear_q4 against float64: within what rounding x to 23 bits per block of 32 allows (delta / 2
+    per value, delta = the block's largest |x| / 2^22) plus fp32 roundings of the sums (2^-20 of
+    the terms' size). Rows with channels 60x the rest, zeros, 1e-20 and 1e15; a dropped digit or a
+    lost centring term is off by 2^-15 of a block's largest value or more. Row counts around its
+    tiles of 6 rows and 32 weight rows; weight rows past the last whole tile at 1, 31, 33 and 577."""
+    gen = torch.Generator().manual_seed(in_features * 7 + out_features)
+    weight = gguf_weight(out_features, in_features, gen, q4_1_blocks=1.0)
+    codes = find_block_codes(weight)
+    panels = q4_panels(codes)
+    assert isinstance(panels, Q4Panels)
+    block_l1 = weight.abs().reshape(out_features, -1, 32).sum(-1).double()  # [n, blocks]
+    for m in (1, 2, 5, 6, 7, 12, 13, 16, 33, 150):
+        bias = torch.randn(out_features, generator=gen)
+        x = rows_to_multiply(m, in_features, gen, outliers=60.0)
+        exact = F.linear(x.double(), weight.double(), bias.double())
+        got = linear(x, panels, bias)
+        assert got.shape == (m, out_features) and got.dtype == torch.float32
+        deltas = x.abs().reshape(m, -1, 32).amax(-1).double() / 2**22
+        allowed = deltas / 2 @ block_l1.T + 2**-20 * (x.double().abs() @ weight.double().abs().T + bias.abs())
+        assert ((got - exact).abs() <= allowed).all(), m
+
+
+def test_only_q4_codes_take_the_integer_products():
+    """Q8_0's signed codes do not fit the layout (a weight with any such block keeps the fp32
+    kernel); a Q4_1 weight takes the integer products where they are fast (AVX-512 VNNI)."""
+    gen = torch.Generator().manual_seed(3)
+    assert q4_panels(find_block_codes(gguf_weight(40, 64, gen, q4_1_blocks=0.5))) is None
+    q4_weight = gguf_weight(40, 64, gen, q4_1_blocks=1.0)
+    layer = CpuLinear(q4_weight, None)
+    if multiplies_q4_codes_fast():
+        assert isinstance(layer.kernel_weight, Q4Panels) and "Q4_1 codes" in repr(layer)
+    else:
+        assert isinstance(layer.kernel_weight, BlockCodes)
+    x = torch.randn(9, 64, generator=gen)
+    torch.testing.assert_close(layer(x), F.linear(x, q4_weight), rtol=1e-5, atol=1e-5)
 
 
 def test_the_swap_leaves_what_the_kernel_cannot_take():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from miniyaie import Engine, EngineConfig, SamplingParams
-from miniyaie.cpu_kernels import BlockCodes, HeadScreen
+from miniyaie.cpu_kernels import BlockCodes, HeadScreen, Q4Panels, multiplies_q4_codes_fast
 from miniyaie.cpu_linear import CpuLinear
 
 from conftest import needs_cpu_kernel
@@ -62,10 +62,15 @@ def test_a_prompt_in_chunks_answers_as_the_whole_prompt(smollm2, all_threads):
 
 @needs_cpu_kernel
 def test_decode_reads_the_weights_as_block_codes(smollm2):
-    """The embedded checkpoint is Q4_1/Q8_0: every Linear (the tied head too) finds exact codes."""
+    """The embedded checkpoint is Q4_1 (the layers) and Q8_0 (the tied embedding): every Linear finds
+    exact codes; the layers' Q4_1 codes go to the integer products where those are fast here."""
     linears = [m for m in smollm2.runner.model.modules() if isinstance(m, CpuLinear)]
     assert len(linears) == 30 * 4 + 1  # fused qkv, o, fused gate/up, down per layer; the head
-    assert all(isinstance(m.kernel_weight, BlockCodes) for m in linears)
+    head = smollm2.runner.model.lm_head
+    layers = [m for m in linears if m is not head]
+    layer_kind = Q4Panels if multiplies_q4_codes_fast() else BlockCodes
+    assert all(isinstance(m.kernel_weight, layer_kind) for m in layers)
+    assert isinstance(head.kernel_weight, BlockCodes)
 
 
 def test_greedy_steps_pick_the_tokens_the_full_head_picks(smollm2, all_threads):

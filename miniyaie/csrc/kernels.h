@@ -8,6 +8,13 @@
 
 void linear(const float *x, const float *weight, const int8_t *codes, const float *scales,
             const float *offsets, const float *bias, float *y, int m, int n, int k);
+typedef struct {  /* Q4_1 codes laid out for linear_q4 (linear_q4.c, q4_layout) */
+    const void *codes;              /* uint8 [panels][k / 4][16][4] */
+    const float *scales, *offsets;  /* [panels][k / 32][16] */
+} q4_panels;
+int q4_products_fast(void);
+int q4_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k, q4_panels q);
+void linear_q4(const float *x, q4_panels q, const float *bias, float *y, int m, int n, int k);
 void rms_norm(const float *x, int64_t x_stride, const float *weight, float *out, int rows, int dim, float eps);
 void silu_and_mul(const float *x, float *out, int rows, int half);
 void rotary(const float *x, int64_t x_stride, const float *cos, const float *sin, float *out,

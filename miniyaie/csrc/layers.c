@@ -17,10 +17,12 @@
 
 #include "kernels.h"
 
-typedef struct {  /* a Linear's weight: fp32 rows, or else block codes (linear.c) */
+typedef struct {  /* a Linear's weight: fp32 rows, block codes (linear.c), or Q4_1's codes for linear_q4 */
     const float *weight;
     const int8_t *codes;
-    const float *scales, *offsets, *bias;
+    const float *scales, *offsets;
+    q4_panels q4;                          /* q4.codes NULL: not laid out for linear_q4 */
+    const float *bias;
     int32_t out_features, in_features;
 } linear_weights;
 
@@ -60,7 +62,10 @@ typedef struct {  /* per-step scratch, rows = tokens (final: num_logits); reused
 
 static void run_linear(const float *x, const linear_weights *w, float *y, int rows)
 {
-    linear(x, w->weight, w->codes, w->scales, w->offsets, w->bias, y, rows, w->out_features, w->in_features);
+    if (w->q4.codes != NULL)
+        linear_q4(x, w->q4, w->bias, y, rows, w->out_features, w->in_features);
+    else
+        linear(x, w->weight, w->codes, w->scales, w->offsets, w->bias, y, rows, w->out_features, w->in_features);
 }
 
 static void add_into(float *x, const float *y, int64_t n)
