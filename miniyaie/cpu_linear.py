@@ -7,7 +7,10 @@ model is a GGUF Q4_1/Q8_0 checkpoint converted to fp32, and its fp32 weights are
 ``scale * code + offset`` per block of 32 (``cpu_kernels.find_block_codes`` checks every value):
 the C kernel reads the codes, a quarter of the bytes, and expands them in cache to the same fp32
 values, so the arithmetic is the fp32 model's. Weights without such codes (a model stored in
-fp32/bf16) go through the same kernel as fp32, read in place.
+fp32/bf16) go through the same kernel as fp32, read in place. Where the CPU has AVX-512 VNNI, Q4_1
+codes (the embedded model's layers) multiply in integers instead (``csrc/linear_q4.c``: x rounded
+to 23 bits per block of 32 and split into three bytes, the products exact in int32), 0.7-0.8x the
+time at fp32's precision; the tables below are the fp32 kernel's.
 
 Prefill chunks are bound by arithmetic, and there the kernel keeps up with oneDNN's JIT GEMM on a
 packed copy of the weight (which this module used above 48 rows before). Measured on the
@@ -34,10 +37,11 @@ from miniyaie.cpu_kernels import (BlockCodes, KernelWeight, Q4Panels, find_block
 
 
 class CpuLinear(nn.Module):
-    """``F.linear(x, weight, bias)`` for fp32 CPU tensors, through the C kernel. Holds the weight's
-    block codes, or else the fp32 weight as given (``kernel_weight``), and a copy of the bias, as
-    plain attributes, not parameters: ``.to()`` and ``state_dict`` don't see them. Needs the C
-    kernels and ``in_features`` a multiple of 8 (``supports``). Inference only."""
+    """``F.linear(x, weight, bias)`` for fp32 CPU tensors, through the C kernels. Holds the weight's
+    block codes (Q4_1's laid out for the integer products where those are fast), or else the fp32
+    weight as given (``kernel_weight``), and a copy of the bias, as plain attributes, not
+    parameters: ``.to()`` and ``state_dict`` don't see them. Needs the C kernels and
+    ``in_features`` a multiple of 8 (``supports``). Inference only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()

@@ -26,6 +26,7 @@
  * so that the panel stays in L1 beside the x rows going by (6 x 1,536 floats are 36 KB, more than
  * the Zen 4 dev machine's 32 KB of L1): its down projections 7.0 -> 6.0 ms a 16-row step, 161 -> 142
  * ms over a chat burst's prefill. Up to 8 rows take a path without the buffer (few_rows, below).
+ * Where the CPU has AVX-512 VNNI, weights whose codes are all Q4_1's go to linear_q4.c instead.
  */
 #include <stdint.h>
 #include <stdlib.h>
