@@ -134,6 +134,19 @@ def test_integer_products_on_q4_codes_keep_fp32s_precision(in_features, out_feat
         assert ((got - exact).abs() <= allowed).all(), m
 
 
+def test_integer_products_keep_infs_and_nans_in_their_rows():
+    """A row with an inf or a NaN gives outputs that are not numbers, as fp32 products do (the greedy
+    head's screen keeps every token for such a row); the other rows are unaffected."""
+    gen = torch.Generator().manual_seed(5)
+    weight = gguf_weight(40, 96, gen, q4_1_blocks=1.0)
+    panels = q4_panels(find_block_codes(weight))
+    x = torch.randn(4, 96, generator=gen)
+    x[1, 40], x[2, 7] = float("inf"), float("nan")
+    got = linear(x, panels, None)
+    assert not got[1:3].isfinite().any()
+    torch.testing.assert_close(got[[0, 3]], F.linear(x[[0, 3]], weight), rtol=1e-5, atol=1e-5)
+
+
 def test_only_q4_codes_take_the_integer_products():
     """Q8_0's signed codes do not fit the layout (a weight with any such block keeps the fp32
     kernel); a Q4_1 weight takes the integer products where they are fast (AVX-512 VNNI)."""

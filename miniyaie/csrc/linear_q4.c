@@ -4,33 +4,37 @@
  *
  * linear.c expands the codes to fp32 and multiplies in fp32: 16 multiply-adds a cycle on a Zen 4
  * core at best. AVX-512 VNNI multiplies bytes: `vpdpbusd` adds 64 products of an unsigned byte and
- * a signed byte into 16 int32 sums, once a cycle — 64 multiply-adds a cycle. The codes are bytes
- * already; x is made bytes without giving up fp32's precision by splitting it in three. Per block
- * of 32 values of a row, delta = max |x| / 2^22 and x = delta * X with X = round(x / delta), an
- * integer of 23 bits (the largest value keeps 23 significant bits, fp32 keeps 24), written in base
- * 256 with signed digits: X = 65536 h + 256 m + l, each in [-128, 127]. The codes times X are then
- * exact in int32, by Horner's rule (the h products, times 256, plus the m products, times 256, plus
- * the l products: at most 15 * 32 * 2^22 < 2^31), and a block adds
+ * a signed byte into 16 int32 sums, once a cycle. The codes are bytes already; x is made bytes
+ * without giving up fp32's precision by splitting it in three. Per block of 32 values of a row,
+ * delta = max |x| / 2^22 and x ~ delta * X with X = round(x / delta), an integer of 23 bits (the
+ * block's largest value keeps 23 significant bits; fp32 keeps 24 per value), written in base 256
+ * with signed digits: X = 65536 h + 256 m + l, each in [-128, 127]. The codes times X are exact in
+ * int32 by Horner's rule (the h products, times 256, plus the m products, times 256, plus the l
+ * products; int32 wraps, but the result, (code - 8) . X below, is within 8 * 32 * 2^22 = 2^30), and
+ * a block adds
  *
- *     delta * (scale * (code . X) + offset * sum(X))
+ *     delta * (scale * (code - 8) . X + (offset + 8 * scale) * sum(X))
  *
- * to the fp32 sum, one rounding for the integer and fp32's own after it. Three products a byte of
- * x, so 21 multiply-adds a cycle, and the conversion and scaling per block take a few more: 16-row
- * products 0.72-0.80x linear.c's time over the model's weight shapes on the 2-core dev machine (Zen
- * 4), the same at prefill sizes. Errors against float64 are about twice linear.c's (both a few
- * 1e-7 of the largest output): the rounding of X, at 2^-23 of a block's largest value, is of the
- * size of fp32's own rounding of the running sum that value enters. Bias is added last.
+ * to the row's fp32 sum: the codes centred on 0 (8 * sum(X) taken off the integer), so that neither
+ * term is much larger than the block's share of the result; with raw codes the offset term is large
+ * and cancels, and the error was ~10x fp32's on weights not centred on 0. Three byte products per
+ * value of x: 21 multiply-adds a cycle at best, and the conversion and scaling once a block take 7
+ * operations to the block's 24 `vpdpbusd`: 16-row products 0.70-0.82x linear.c's time over the
+ * model's weight shapes on the 2-core dev machine (Zen 4), 0.72-0.78x at prefill sizes. On real
+ * rows through SmolLM2's layers the error against float64 is 1.2x linear.c's as the median over
+ * the Linears, 2.3x at most (benchmarks/RESULTS.md, session 15). Bias is added last.
  *
  * q4_layout lays the codes out once, as the head's screen does (greedy_head.c): 16 weight rows side
  * by side, their codes 4 along k at a time ([n / 16][k / 4][16][4]: one 64-byte load feeds a
- * `vpdpbusd`), and the blocks' scales and offsets [n / 16][k / 32][16]; n padded to whole tiles
- * with zero rows. A tile is TILE_ROWS x rows by 32 weight rows: 12 int32 sums for the block in
- * progress and 12 fp32 sums in registers. Without VNNI (q4_products_fast() == 0) the same
+ * `vpdpbusd`), and the blocks' scales and centred offsets [n / 16][k / 32][16]; n padded to whole
+ * tiles with zero rows. A tile is TILE_ROWS x rows by 32 weight rows: 12 int32 sums for the block
+ * in progress and 12 fp32 sums in registers. Without VNNI (q4_products_fast() == 0) the same
  * arithmetic runs in plain C — the tests' path there; the engine keeps linear.c, faster there.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 #ifdef __AVX512VNNI__
 #include <immintrin.h>
@@ -55,9 +59,9 @@ int q4_products_fast(void)
 #endif
 }
 
-/* Fills q (codes [panels][k / 4][16][4], scales and offsets [panels][k / 32][16], panels = n padded
- * to TILE_COLS, over 16) from codes [n, k], scales/offsets [n, k / 32]. Returns 0, leaving q part
- * filled, when some code is outside Q4_1's [0, 15]. */
+/* Fills q (codes [panels][k / 4][16][4], scales and offsets + CENTRE * scales [panels][k / 32][16],
+ * panels = n padded to TILE_COLS, over 16) from codes [n, k], scales/offsets [n, k / 32]. Returns 0,
+ * leaving q part filled, when some code is outside Q4_1's [0, 15] or a centred offset is not exact. */
 int q4_layout(const int8_t *codes, const float *scales, const float *offsets, int n, int k, q4_panels q)
 {
     const int panels = (n + TILE_COLS - 1) / TILE_COLS * TILE_COLS / LANES, blocks = k / BLOCK;
@@ -94,10 +98,17 @@ typedef struct {
 
 static void split_block(const float *v, int8_t *digits, int32_t *centring, float *delta, float *sum)
 {
-    float peak = 0.0f;
-    for (int i = 0; i < BLOCK; i++)
-        peak = fmaxf(peak, fabsf(v[i]));
-    const float inv = peak > 0.0f ? X_STEPS / peak : 0.0f;
+    /* the largest |x| by its bits, so that an inf or NaN is the peak (as -ffast-math's fmaxf need not
+     * make it): delta is then not a number, and so is every output of the row, as with fp32 products */
+    uint32_t top = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        uint32_t bits;
+        memcpy(&bits, v + i, sizeof bits);
+        top = (bits & 0x7fffffffu) > top ? bits & 0x7fffffffu : top;
+    }
+    float peak;
+    memcpy(&peak, &top, sizeof peak);
+    const float inv = top > 0 && top < 0x7f800000u ? X_STEPS / peak : 0.0f;
     int32_t total = 0;
 #ifdef __AVX512VNNI__
     const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
