@@ -45,7 +45,8 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM, MAX_BLOCK = 16, 256, 256  # the C arrays' bounds (paged_*_attention.c)
 MAX_TOP = 64  # the most alternatives sample_rows reports (sampling.c)
 BLOCK_CODE_SIZE = 32  # weights per (scale, offset) of block codes (BLOCK in linear.c)
-GREEDY_LANES = 16  # vocabulary rows side by side in a HeadScreen (LANES in greedy_head.c)
+GREEDY_LANES = 16  # vocabulary rows side by side in a HeadScreen (LANES in greedy_head.c), and weight rows in Q4Panels
+Q4_TILE_COLS = 32  # weight rows a tile of linear_q4 covers: Q4Panels pads to a multiple (TILE_COLS in linear_q4.c)
 
 
 def _cpu_description() -> bytes:
@@ -214,7 +215,7 @@ class Q4Panels:
 def q4_panels(codes: BlockCodes) -> Q4Panels | None:
     """``codes`` laid out for ``linear_q4``, or None when some code is outside Q4_1's [0, 15]."""
     n, k = codes.codes.shape
-    panels, blocks = -(-n // 32) * 2, k // BLOCK_CODE_SIZE
+    panels, blocks = -(-n // Q4_TILE_COLS) * Q4_TILE_COLS // GREEDY_LANES, k // BLOCK_CODE_SIZE
     q4 = Q4Panels(torch.empty(panels, k // 4, GREEDY_LANES, 4, dtype=torch.uint8),
                   torch.empty(panels, blocks, GREEDY_LANES), torch.empty(panels, blocks, GREEDY_LANES), n)
     fits = load_cpu_kernels().q4_layout(codes.codes.data_ptr(), codes.scales.data_ptr(), codes.offsets.data_ptr(),

@@ -128,7 +128,7 @@ static void split_block(const float *v, int8_t *digits, int32_t *centring, float
     total = _mm512_reduce_add_epi32(totals);
 #else
     for (int i = 0; i < BLOCK; i++) {
-        const int32_t X = (int32_t)rintf(v[i] * inv);
+        const int32_t X = inv > 0.0f ? (int32_t)rintf(v[i] * inv) : 0;  /* an inf's or NaN's block: 0 */
         const int32_t l = ((X + 128) & 255) - 128, rest = (X - l) >> 8, m = ((rest + 128) & 255) - 128;
         digits[i] = (int8_t)((rest - m) >> 8), digits[BLOCK + i] = (int8_t)m, digits[2 * BLOCK + i] = (int8_t)l;
         total += X;
