@@ -149,9 +149,13 @@ def test_integer_products_keep_infs_and_nans_in_their_rows():
 
 def test_only_q4_codes_take_the_integer_products():
     """Q8_0's signed codes do not fit the layout (a weight with any such block keeps the fp32
-    kernel); a Q4_1 weight takes the integer products where they are fast (AVX-512 VNNI)."""
+    kernel), nor does a block whose centred offset (offset + 8 scale) fp32 cannot hold exactly; a
+    Q4_1 weight takes the integer products where they are fast (AVX-512 VNNI)."""
     gen = torch.Generator().manual_seed(3)
     assert q4_panels(find_block_codes(gguf_weight(40, 64, gen, q4_1_blocks=0.5))) is None
+    inexact = BlockCodes(torch.zeros(1, 32, dtype=torch.int8), torch.ones(1, 1), torch.full((1, 1), 2.0**-22))
+    assert q4_panels(inexact) is None  # 8 + 2^-22 rounds in fp32
+    assert q4_panels(BlockCodes(inexact.codes, inexact.scales, torch.full((1, 1), 2.0**-20))) is not None
     q4_weight = gguf_weight(40, 64, gen, q4_1_blocks=1.0)
     layer = CpuLinear(q4_weight, None)
     if multiplies_q4_codes_fast():
